@@ -1,0 +1,272 @@
+# Copyright 2023-2025 Sebastian Raschka (the model's design, from "Build a Large Language
+# Model (From Scratch)"); this implementation: the ddp-base-model-from-scratch authors.
+# SPDX-License-Identifier: Apache-2.0
+"""A GPT-2-style language model, with the seed's parameter names and the seed's math.
+
+Same numbers as the textbook formulas (masked softmax attention, tanh-approximated
+GELU, LayerNorm with biased variance), computed with PyTorch's fused kernels:
+scaled_dot_product_attention (flash / memory-efficient attention where available),
+F.layer_norm and F.gelu. Decoding keeps a KV cache so each new token costs one
+position of work instead of re-running the whole context.
+
+This file imports nothing else from the project, so it can be copied into a notebook.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm(nn.Module):
+    """Normalises over the last dimension (biased variance, eps 1e-5), then scale and shift."""
+
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU with GPT-2's tanh approximation, as one fused kernel."""
+
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        emb_dim = cfg["emb_dim"]
+        # Indices 0 and 2 are part of the seed's parameter names (ff.layers.0 / ff.layers.2).
+        self.layers = nn.Sequential(
+            nn.Linear(emb_dim, 4 * emb_dim),
+            GELU(),
+            nn.Linear(4 * emb_dim, emb_dim),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer for the positions decoded so far."""
+
+    def __init__(self, max_length):
+        self.max_length = max_length
+        self.length = 0
+        self.keys = self.values = None
+
+    def update(self, keys, values):
+        """Store keys/values of shape (batch, heads, new_positions, head_dim); return all so far."""
+        if self.keys is None:  # allocated on first use, in whatever dtype autocast produced
+            batch, heads, _, head_dim = keys.shape
+            shape = (batch, heads, self.max_length, head_dim)
+            self.keys = keys.new_empty(shape)
+            self.values = values.new_empty(shape)
+        end = self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; asked for {end}")
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """One LayerKVCache per transformer block, plus the left padding of each sequence.
+
+    Batched decoding left-pads prompts to one length. `pad_lengths[i]` is how many
+    padding positions sequence i starts with: they are masked out of attention and
+    don't count towards positions, so each sequence sees exactly what it would see
+    decoded alone.
+    """
+
+    def __init__(self, n_layers, max_length, pad_lengths=None):
+        self.layers = [LayerKVCache(max_length) for _ in range(n_layers)]
+        self.max_length = max_length
+        self.pad_lengths = pad_lengths
+
+    @property
+    def length(self):
+        return self.layers[0].length
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.dropout = dropout
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        # The seed saves this causal mask in every checkpoint and its GPTModel loads
+        # strictly, so we keep it to stay interchangeable; attention itself uses
+        # scaled_dot_product_attention's own causal masking and never reads it.
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x, layer_cache=None, attn_mask=None):
+        batch, num_tokens, _ = x.shape
+
+        def split_heads(projection):  # (b, t, d_out) -> (b, heads, t, head_dim)
+            return projection.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+        queries = split_heads(self.W_query(x))
+        keys = split_heads(self.W_key(x))
+        values = split_heads(self.W_value(x))
+        if layer_cache is not None:
+            keys, values = layer_cache.update(keys, values)
+
+        # Training and a first prefill are plain causal attention; a single decoded
+        # token may attend to every cached position; anything else gets an explicit mask.
+        is_causal = attn_mask is None and num_tokens > 1
+        context = F.scaled_dot_product_attention(
+            queries, keys, values,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )  # scale defaults to 1/sqrt(head_dim), as in the seed
+        context = context.transpose(1, 2).reshape(batch, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"],
+            dropout=cfg["drop_rate"],
+            qkv_bias=cfg["qkv_bias"],
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, layer_cache=None, attn_mask=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache, attn_mask))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    @property
+    def context_length(self):
+        return self.pos_emb.num_embeddings
+
+    def hidden_states(self, in_idx, kv_cache=None):
+        """Final-normed hidden states, (batch, tokens, emb_dim): everything but the output head."""
+        batch, num_tokens = in_idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        positions = torch.arange(start, start + num_tokens, device=in_idx.device)
+        attn_mask = None
+        if kv_cache is not None and (kv_cache.pad_lengths is not None or (start > 0 and num_tokens > 1)):
+            positions, attn_mask = _decoding_positions_and_mask(
+                kv_cache.pad_lengths, start, num_tokens, batch, in_idx.device
+            )
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        for index, block in enumerate(self.trf_blocks):
+            layer_cache = None if kv_cache is None else kv_cache.layers[index]
+            x = block(x, layer_cache, attn_mask)
+        return self.final_norm(x)
+
+    def forward(self, in_idx, kv_cache=None):
+        return self.out_head(self.hidden_states(in_idx, kv_cache))
+
+    def new_kv_cache(self, pad_lengths=None):
+        return KVCache(len(self.trf_blocks), self.context_length, pad_lengths)
+
+
+def _decoding_positions_and_mask(pad_lengths, start, num_tokens, batch, device):
+    """Positions and attention mask for tokens [start, start+num_tokens) of a cached batch."""
+    query_index = torch.arange(start, start + num_tokens, device=device)
+    key_index = torch.arange(start + num_tokens, device=device)
+    pad = (torch.zeros(batch, dtype=torch.long, device=device) if pad_lengths is None
+           else pad_lengths.to(device))
+    positions = (query_index[None, :] - pad[:, None]).clamp(min=0)             # (b, t)
+    causal = key_index[None, None, :] <= query_index[None, :, None]             # (1, t, k)
+    real_key = key_index[None, None, :] >= pad[:, None, None]                   # (b, 1, k)
+    # A padding query may see itself, so its softmax has one entry and stays finite
+    # (an all-masked row would give NaN, and NaN * 0 still poisons the next layer).
+    itself = key_index[None, None, :] == query_index[None, :, None]
+    attn_mask = (causal & real_key) | itself                                    # (b, t, k)
+    return positions, attn_mask[:, None]                                        # heads broadcast
+
+
+def next_token_from_logits(logits, temperature=0.0, top_k=None, generator=None):
+    """The seed's sampling rule: keep the top_k logits, divide by temperature, sample.
+
+    logits: (batch, vocab). temperature 0 is greedy decoding.
+    """
+    if temperature <= 0.0:
+        return torch.argmax(logits, dim=-1)
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
+             generator=None):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
+
+    Returns one list of new token ids per prompt, stopping a sequence at eos_id (not
+    included). Prompts are left-padded into one batch and decoded with a KV cache;
+    the result equals decoding each prompt alone. As in the seed, the model only ever
+    sees the last context_length tokens: once a sequence outgrows the cache, the
+    window is cropped and re-encoded (positions shift, so cached keys can't be reused).
+    """
+    if not prompts or any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompts")
+    device = next(model.parameters()).device
+    context_length = model.context_length
+    sequences = [list(prompt) for prompt in prompts]
+    new_tokens = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    kv_cache, last_tokens = None, None
+
+    for _ in range(max_new_tokens):
+        if kv_cache is None or kv_cache.length >= context_length:
+            windows = [sequence[-context_length:] for sequence in sequences]
+            longest = max(len(window) for window in windows)
+            pad_lengths = torch.tensor([longest - len(window) for window in windows])
+            padded = [[0] * (longest - len(window)) + window for window in windows]
+            kv_cache = model.new_kv_cache(pad_lengths if pad_lengths.any() else None)
+            logits = model(torch.tensor(padded, device=device), kv_cache)[:, -1]
+        else:
+            logits = model(last_tokens[:, None], kv_cache)[:, -1]
+        last_tokens = next_token_from_logits(logits, temperature, top_k, generator)
+
+        for index, token in enumerate(last_tokens.tolist()):
+            if finished[index]:
+                continue
+            if eos_id is not None and token == eos_id:
+                finished[index] = True
+                continue
+            new_tokens[index].append(token)
+            sequences[index].append(token)
+        if all(finished):
+            break
+    return new_tokens

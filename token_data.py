@@ -1,0 +1,175 @@
+"""Token datasets: memory-mapped splits, the seed's batch arithmetic, and where the files come from.
+
+A split is a safetensors file holding one 1-D tensor, `tokens`. We never read the
+whole file: the tensor is memory-mapped, so a 10B-token split costs no RAM up
+front and every rank on a machine shares the same page cache.
+"""
+
+import json
+import math
+import struct
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+TENSOR_NAME = "tokens"
+SPLITS = ("train", "validation")
+
+# safetensors dtype names we accept for token ids, and their numpy equivalents.
+TOKEN_DTYPES = {"U16": np.uint16, "I32": np.int32, "U32": np.uint32, "I64": np.int64}
+
+
+class DatasetError(click.ClickException):
+    """A dataset that is missing, malformed or too small; printed as one line, exit 1."""
+
+
+def split_path(dataset_dir, split) -> Path:
+    return Path(dataset_dir) / f"{split}.safetensors"
+
+
+def open_tokens(path) -> np.memmap:
+    """Memory-map the `tokens` tensor of a safetensors file, without reading it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    # safetensors layout: u64 little-endian header length, JSON header, then raw data.
+    try:
+        with open(path, "rb") as file:
+            (header_length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_length))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+        raise DatasetError(f"{path}: not a safetensors file") from None
+    names = [name for name in header if name != "__metadata__"]
+    if names != [TENSOR_NAME]:
+        raise DatasetError(
+            f"{path}: expected exactly one tensor named '{TENSOR_NAME}', found {names or 'none'}"
+        )
+    info = header[TENSOR_NAME]
+    if info["dtype"] not in TOKEN_DTYPES:
+        raise DatasetError(
+            f"{path}: tensor '{TENSOR_NAME}' has dtype {info['dtype']}; "
+            f"token ids must be one of {', '.join(TOKEN_DTYPES)}"
+        )
+    if len(info["shape"]) != 1:
+        raise DatasetError(f"{path}: tensor '{TENSOR_NAME}' has shape {info['shape']}; expected 1-D")
+    count = info["shape"][0]
+    begin, _ = info["data_offsets"]
+    dtype = TOKEN_DTYPES[info["dtype"]]
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + header_length + begin, shape=(count,))
+
+
+class TokenBatches:
+    """Batch i is (x, y): x = tokens[i*B*T : (i+1)*B*T] viewed as (B, T), y the same shifted by one.
+
+    This is the seed's BigTrainDataset layout (tokens[:-1] and tokens[1:] reshaped),
+    read lazily from the memory map: only the batch asked for is copied.
+    """
+
+    def __init__(self, tokens, num_batches, batch_size, seq_length):
+        self.tokens = tokens            # num_batches * batch_size * seq_length + 1 tokens
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+
+    def __len__(self):
+        return self.num_batches
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} out of range (0..{self.num_batches - 1})")
+        batch_tokens = self.batch_size * self.seq_length
+        start = index * batch_tokens
+        chunk = torch.from_numpy(self.tokens[start:start + batch_tokens + 1].astype(np.int64))
+        x = chunk[:-1].view(self.batch_size, self.seq_length)
+        y = chunk[1:].view(self.batch_size, self.seq_length)
+        return x, y
+
+
+def load_dataset(dataset_dir, split, min_tokens, start_token, world_size, minibatch_size,
+                 seq_length) -> TokenBatches:
+    """The seed's token arithmetic over a memory-mapped split.
+
+    A global batch is world_size * minibatch_size * seq_length tokens. min_tokens == -1
+    takes as many whole global batches as fit after start_token; otherwise min_tokens is
+    rounded up to whole global batches. One extra token is taken for the shifted targets.
+    """
+    path = split_path(dataset_dir, split)
+    tokens = open_tokens(path)
+    global_batch = world_size * minibatch_size * seq_length
+    if start_token >= len(tokens):
+        raise DatasetError(
+            f"{path}: start token {start_token:,} is past the end of the split ({len(tokens):,} tokens)"
+        )
+    available = len(tokens) - start_token
+    if min_tokens == -1:
+        num_global_batches = (available - 1) // global_batch
+    else:
+        num_global_batches = math.ceil(min_tokens / global_batch)
+    wanted = num_global_batches * global_batch + 1
+    if num_global_batches == 0 or wanted > available:
+        wanted = max(wanted, global_batch + 1)
+        raise DatasetError(
+            f"{path}: not enough tokens: {wanted:,} wanted from token {start_token:,} "
+            f"({world_size} rank(s) x {minibatch_size} sequences x {seq_length} tokens per global "
+            f"batch, plus one), {available:,} available"
+        )
+    return TokenBatches(tokens[start_token:start_token + wanted],
+                        num_global_batches * world_size, minibatch_size, seq_length)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _has_splits(directory: Path, splits) -> bool:
+    return all(split_path(directory, split).is_file() for split in splits)
+
+
+def resolve_dataset_dir(dataset: str, datasets_dir, splits=SPLITS) -> Path:
+    """Where a train.json `dataset` value lives on disk, downloading it first if it is a Hub repo.
+
+    - an absolute path to a directory: used as it is, nothing downloaded;
+    - a Hub dataset repo id ("owner/name"): fetched with snapshot_download into
+      DATASETS_DIR/owner/name, as the seed does (only the split files asked for);
+      if the Hub can't be reached but the files are already there, they are used;
+    - anything else: a directory relative to DATASETS_DIR.
+    """
+    datasets_dir = Path(datasets_dir)
+    as_given = Path(dataset).expanduser()
+    if as_given.is_absolute():
+        if not as_given.is_dir():
+            raise DatasetError(f"dataset directory {as_given} does not exist")
+        return as_given
+    local_dir = datasets_dir / dataset
+    if not _looks_like_repo_id(dataset):
+        if not local_dir.is_dir():
+            raise DatasetError(f"dataset directory {local_dir} does not exist")
+        return local_dir
+
+    from huggingface_hub import snapshot_download  # imported late: only downloads need it
+
+    try:
+        snapshot_download(
+            repo_id=dataset,
+            repo_type="dataset",
+            local_dir=local_dir,
+            allow_patterns=[f"{split}.safetensors" for split in splits],
+        )
+    except Exception as error:  # network, auth, missing repo: all end the same way
+        if _has_splits(local_dir, splits):
+            warnings.warn(
+                f"could not reach the Hugging Face Hub for {dataset} ({type(error).__name__}); "
+                f"using the files already in {local_dir}",
+                stacklevel=2,
+            )
+            return local_dir
+        raise DatasetError(
+            f"could not download dataset {dataset} into {local_dir}: {type(error).__name__}: {error}"
+        ) from None
+    return local_dir
