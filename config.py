@@ -134,9 +134,6 @@ class TrainConfig:
     compile: bool = False
     seed: int | None = None
     keep_checkpoints: int | None = None    # newest N kept besides best and latest; None keeps all
-    init_from: str | None = None           # a model.safetensors to start a new run from
-    parallelism: str = "ddp"               # "ddp" | "fsdp"
-    activation_checkpointing: bool = False
 
 
 TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val_token",
@@ -170,9 +167,6 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
         "compile": lambda v: _bool(path, "compile", v),
         "seed": lambda v: _int(path, "seed", v, minimum=0),
         "keep_checkpoints": lambda v: _int(path, "keep_checkpoints", v, minimum=1),
-        "init_from": lambda v: _text(path, "init_from", v),
-        "parallelism": lambda v: _choice(path, "parallelism", v, ("ddp", "fsdp")),
-        "activation_checkpointing": lambda v: _bool(path, "activation_checkpointing", v),
     }
     for key, check in checks.items():
         if data.get(key) is not None:
