@@ -1,0 +1,216 @@
+"""Build a small FineWeb-shaped parquet corpus offline, from the Python standard library's own text.
+
+    uv run python make_sample_corpus.py sample-corpus
+    uv run python prepare_datasets.py sample-corpus datasets/sample-gpt2-tokens
+
+FineWeb lives on the Hugging Face Hub and its 10B-token sample is tens of GB. To see the
+pipeline work end to end without a network, this script collects real English prose that
+ships with every Python installation -- the language reference (pydoc's topic pages), the
+docstrings and longer comments of the standard-library modules, and its plain-text files
+(licence, IDLE's notes) -- and writes it in FineWeb's layout:
+OUTPUT_DIR/sample/10BT/000_00000.parquet, ... with a `text` column (plus `id` and `url`).
+
+The output is deterministic for a given Python version: files are read in sorted order and
+documents shuffled with a fixed seed. One pass over the standard library gives roughly
+3 MB of text (about a million GPT-2 tokens); --megabytes repeats the collection, in a new
+order each pass, to make a bigger corpus for benchmarks.
+"""
+
+import ast
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import click
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SAMPLE_FOLDER = Path("sample") / "10BT"
+SHUFFLE_SEED = 1234
+CLASS_PAGE_CHARACTERS = 1000
+# Directories of the standard library that hold tests, fixtures or bundled third-party code
+# rather than documented modules.
+SKIPPED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "dist-packages",
+                       "__pycache__", "lib2to3", "ensurepip", "turtledemo"}
+
+
+def stdlib_directory() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _source_files(root: Path, suffixes) -> list[Path]:
+    found = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if d not in SKIPPED_DIRECTORIES)
+        found.extend(Path(directory) / name for name in names if Path(name).suffix in suffixes)
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def _mostly_words(text: str) -> bool:
+    """True for prose; false for tables of numbers, commented-out code or ASCII art."""
+    letters = sum(character.isalpha() or character == " " for character in text)
+    return len(text) >= 80 and letters / len(text) > 0.8
+
+
+def _comment_blocks(source: str) -> list[str]:
+    """Runs of three or more whole-line comments, each joined into a paragraph."""
+    blocks, current = [], []
+    for line in source.splitlines() + [""]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            current.append(stripped.lstrip("#").strip())
+            continue
+        if len(current) >= 3:
+            blocks.append(" ".join(part for part in current if part))
+        current = []
+    return [block for block in blocks if _mostly_words(block)]
+
+
+def _docstring_sections(body, prefix: str) -> list[tuple[str, str]]:
+    """(qualified name, docstring) of the functions and classes defined in `body`, in order."""
+    sections = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            docstring = ast.get_docstring(node)
+            if docstring:
+                sections.append((f"{prefix}{node.name}", docstring))
+            if isinstance(node, ast.ClassDef):
+                sections.extend(_docstring_sections(node.body, f"{prefix}{node.name}."))
+    return sections
+
+
+def module_documents(path: Path, module_name: str) -> list[tuple[str, str]]:
+    """The module's page (its docstring, functions and comments), then one page per class."""
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    pages = []
+    module_parts = [f"{module_name}\n"]
+    if docstring := ast.get_docstring(tree):
+        module_parts.append(docstring)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            text = "\n\n".join(f"{name}\n\n{docstring}" for name, docstring in
+                                 _docstring_sections([node], f"{module_name}."))
+            # A well-documented class gets a page of its own; a few lines join the module's.
+            if len(text) >= CLASS_PAGE_CHARACTERS:
+                pages.append((f"{module_name}.{node.name}", text))
+            elif text:
+                module_parts.append(text)
+        else:
+            module_parts.extend(f"{name}\n\n{text}" for name, text in
+                                _docstring_sections([node], f"{module_name}."))
+    module_parts.extend(_comment_blocks(source))
+    if len(module_parts) > 1:
+        pages.insert(0, (module_name, "\n\n".join(module_parts)))
+    return pages
+
+
+def collect_documents() -> list[tuple[str, str]]:
+    """(source, text) for every document, in a fixed order."""
+    root = stdlib_directory()
+    documents = []
+
+    # The language reference and library topics that pydoc's help() shows.
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions package pydoc_data separately
+        topics = {}
+    for name in sorted(topics):
+        documents.append((f"pydoc-topic:{name}", topics[name].strip()))
+
+    for path in _source_files(root, {".py"}):
+        relative = path.relative_to(root).with_suffix("")
+        parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+        module_name = ".".join(parts)
+        for name, text in module_documents(path, module_name):
+            documents.append((f"python-stdlib:{name}", text))
+
+    for path in _source_files(root, {".txt", ".rst"}):
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if _mostly_words(text):
+            documents.append((f"python-stdlib-file:{path.relative_to(root).as_posix()}", text))
+    return [(source, text) for source, text in documents if text]
+
+
+def corpus_rows(documents, megabytes):
+    """Yield (id, url, text): one shuffled pass, repeated (reshuffled) until `megabytes` of text."""
+    wanted_bytes = (megabytes or 0) * 1_000_000
+    written_bytes = 0
+    repetition = 0
+    while True:
+        order = list(range(len(documents)))
+        random.Random(SHUFFLE_SEED + repetition).shuffle(order)
+        for index in order:
+            source, text = documents[index]
+            yield f"<python-{sysconfig.get_python_version()}:{repetition}:{index}>", source, text
+            written_bytes += len(text.encode("utf-8"))
+        repetition += 1
+        if written_bytes >= wanted_bytes:
+            return
+
+
+def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
+    """Write rows into 000_00000.parquet, 001_00000.parquet, ... (FineWeb's naming)."""
+    schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("url", pa.string())])
+    written, file_number, batch = [], 0, []
+
+    def flush():
+        nonlocal file_number, batch
+        table = pa.table({"text": [r[2] for r in batch], "id": [r[0] for r in batch],
+                          "url": [r[1] for r in batch]}, schema=schema)
+        final_path = folder / f"{file_number:03d}_00000.parquet"
+        temporary_path = folder / f".{final_path.name}.partial"
+        pq.write_table(table, temporary_path, row_group_size=rows_per_group)
+        os.replace(temporary_path, final_path)
+        written.append((final_path, len(batch), sum(len(r[2].encode("utf-8")) for r in batch)))
+        file_number += 1
+        batch = []
+
+    for row in rows:
+        batch.append(row)
+        if len(batch) == documents_per_file:
+            flush()
+    if batch:
+        flush()
+    return written
+
+
+@click.command()
+@click.argument("output_dir", type=click.Path(path_type=Path), default="sample-corpus")
+@click.option("--megabytes", type=click.FloatRange(min=0), default=None,
+              help="Make at least this many MB of text by repeating the collected documents "
+                   "(reshuffled each pass). Default: one pass, about 3 MB.")
+@click.option("--documents-per-file", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--rows-per-group", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Parquet row-group size (FineWeb's files hold many row groups).")
+@click.option("--force", is_flag=True, help="Replace parquet files already in OUTPUT_DIR/sample/10BT.")
+def main(output_dir, megabytes, documents_per_file, rows_per_group, force):
+    """Write a FineWeb-shaped corpus of standard-library text to OUTPUT_DIR/sample/10BT/*.parquet."""
+    folder = output_dir / SAMPLE_FOLDER
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"{folder} exists and is not a directory")
+    existing = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if existing and not force:
+        raise click.ClickException(f"{folder} already holds {len(existing)} parquet file(s); "
+                                   f"pass --force to replace them")
+    documents = collect_documents()
+    if not documents:
+        raise click.ClickException(f"found no documentation text under {stdlib_directory()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in existing:
+        path.unlink()
+    written = write_parquet_files(corpus_rows(documents, megabytes), folder, documents_per_file,
+                                  rows_per_group)
+    total_documents = sum(count for _, count, _ in written)
+    total_bytes = sum(size for _, _, size in written)
+    print(f"{folder}: {len(written)} parquet file(s), {total_documents:,} documents, "
+          f"{total_bytes / 1e6:,.1f} MB of text from {len(documents):,} distinct documents "
+          f"of {stdlib_directory()}")
+
+
+if __name__ == "__main__":
+    main()
