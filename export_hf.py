@@ -1,0 +1,216 @@
+"""Export a checkpoint as a plain transformers GPT-2, with tokenizer and model card.
+
+    uv run python export_hf.py MODEL_CONFIG_PATH MODEL_SAFETENSORS_PATH OUTPUT_DIR \\
+        [--push-to-hub REPO_ID] [--private]
+
+OUTPUT_DIR loads with `AutoModelForCausalLM.from_pretrained` as a GPT2LMHeadModel and
+with `AutoTokenizer.from_pretrained` as GPT-2's tokenizer -- no custom code -- so
+lm-evaluation-harness, vLLM and the Hub take it as they take GPT-2 itself.
+"""
+
+import json
+from pathlib import Path
+
+import click
+from safetensors.torch import save_file
+
+import hf_gpt2
+import tokenizer
+from checkpointing import read_weights
+from config import read_json_object, validate_model_config
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json")
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "README.md",
+                *TOKENIZER_FILES)
+
+
+def load_gpt2_expressible_config(path):
+    raw = read_json_object(path)
+    cfg = validate_model_config(raw, path)
+    for key in raw:
+        if key not in hf_gpt2.GPT2_EXPRESSIBLE_KEYS:
+            raise hf_gpt2.HFFormatError(
+                f"{path}: key '{key}' has no GPT-2 equivalent, so this model can't be "
+                "exported as a transformers GPT2LMHeadModel"
+            )
+    return cfg
+
+
+def load_checked_weights(path, cfg):
+    weights = read_weights(path)
+    hf_gpt2.check_our_tensors(weights, cfg, path)
+    return weights
+
+
+# --- model card ---
+
+def checkpoint_facts(weights_path):
+    """What our training run recorded about this checkpoint, if it sits in one.
+
+    Our layout is runs/RUN/checkpoints/CHECKPOINT/{model.safetensors, meta.json}, with
+    the run's model.json and train.json in runs/RUN/.
+    """
+    weights_path = Path(weights_path)
+    checkpoint_dir = weights_path.parent
+    meta_path = checkpoint_dir / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        click.echo(f"note: {meta_path} is unreadable ({error}); the model card leaves it out", err=True)
+        return None
+    if not isinstance(meta, dict):
+        return None
+    facts = {"checkpoint": checkpoint_dir.resolve().name, "meta": meta, "run": None, "run_files": {}}
+    if checkpoint_dir.parent.name == "checkpoints":
+        run_dir = checkpoint_dir.parent.parent
+        facts["run"] = run_dir.resolve().name
+        for name in ("model.json", "train.json"):
+            if (run_dir / name).is_file():
+                facts["run_files"][name] = (run_dir / name).read_text(encoding="utf-8").strip()
+    return facts
+
+
+def _format_fact(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def model_card(cfg, tied, dtype, parameters, name, facts):
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- gpt2",
+        "- text-generation",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "A GPT-2-architecture language model trained with ddp-base-model-from-scratch "
+        "(GPT-2-style pre-training with PyTorch DDP), exported as a plain `GPT2LMHeadModel`: "
+        "no custom code, no `trust_remote_code`.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {parameters:,} |",
+        f"| layers | {cfg['n_layers']} |",
+        f"| attention heads | {cfg['n_heads']} |",
+        f"| embedding width | {cfg['emb_dim']} |",
+        f"| context length | {cfg['context_length']} |",
+        f"| vocabulary | {cfg['vocab_size']:,} (GPT-2's byte-level BPE) |",
+        f"| output head | {'tied to' if tied else 'separate from'} the token embedding |",
+        f"| Q/K/V bias | {'yes' if cfg['qkv_bias'] else 'no (zero in `c_attn.bias`)'} |",
+        f"| dropout in training | {cfg['drop_rate']} |",
+        f"| weights | {str(dtype).removeprefix('torch.')} |",
+        "",
+        "Pre-norm transformer blocks, learned position embeddings, tanh-approximated GELU, "
+        "LayerNorm eps 1e-5: GPT-2's design.",
+    ]
+    if facts is not None:
+        meta = dict(facts["meta"])
+        labelled = [("global_step", "global step"), ("tokens_seen", "tokens seen"),
+                    ("train_loss", "training loss"), ("val_loss", "validation loss"),
+                    ("is_best", "best validation loss of the run so far")]
+        lines += ["", "## Training", "", "| | |", "|---|---|"]
+        if facts["run"] is not None:
+            lines.append(f"| run | `{facts['run']}` |")
+        lines.append(f"| checkpoint | `{facts['checkpoint']}` |")
+        for key, label in labelled:
+            if key in meta:
+                lines.append(f"| {label} | {_format_fact(meta.pop(key))} |")
+        for key, value in meta.items():  # whatever else the run recorded
+            if isinstance(value, (bool, int, float, str)):
+                lines.append(f"| {key} | {_format_fact(value)} |")
+        for file_name, text in facts["run_files"].items():
+            lines += ["", f"The run's `{file_name}`:", "", "```json", text, "```"]
+    return "\n".join(lines) + "\n"
+
+
+# --- Hub ---
+
+def push_to_hub(output_dir, repo_id, private):
+    """Create the repo if needed and upload the directory; the token is the client's
+    usual one (HF_TOKEN or `hf auth login`) and never printed."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(output_dir),
+                                   commit_message="Upload GPT-2 export from export_hf.py")
+    # The Hub client raises many exception types (HTTP status, network, auth, bad repo
+    # id) and changes them between releases; each ends here as one line.
+    except Exception as error:
+        raise click.ClickException(
+            f"pushing {output_dir} to the Hub repo '{repo_id}' failed: {hf_gpt2.first_line(error)}"
+        ) from None
+    return commit.commit_url
+
+
+@click.command()
+@click.argument("model_config_path", type=click.Path(dir_okay=False))
+@click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("--push-to-hub", "repo_id", metavar="REPO_ID", default=None,
+              help="Upload OUTPUT_DIR to this Hub model repo, creating it if needed.")
+@click.option("--private", is_flag=True,
+              help="Create the Hub repo as private (an existing repo keeps its visibility).")
+@click.option("--overwrite", is_flag=True, help="Replace files already in OUTPUT_DIR.")
+def main(model_config_path, model_safetensors_path, output_dir, repo_id, private, overwrite):
+    if private and repo_id is None:
+        raise click.UsageError("--private only applies with --push-to-hub REPO_ID")
+    output_dir = Path(output_dir)
+    hf_gpt2.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
+    cfg = load_gpt2_expressible_config(model_config_path)
+    weights = load_checked_weights(model_safetensors_path, cfg)
+
+    tensors, tied = hf_gpt2.to_transformers(weights, cfg)
+    dtype = weights["tok_emb.weight"].dtype
+    parameters = sum(tensor.numel() for tensor in tensors.values())
+    card_name = repo_id or output_dir.resolve().name
+    facts = checkpoint_facts(model_safetensors_path)
+
+    with hf_gpt2.staged_output(output_dir) as staging:
+        # transformers reads the "format" entry to know these are PyTorch tensors.
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        for file_name, content in (
+            ("config.json", hf_gpt2.transformers_config(cfg, tied, dtype)),
+            ("generation_config.json", hf_gpt2.generation_config(cfg)),
+        ):
+            (staging / file_name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        if cfg["vocab_size"] >= tokenizer.VOCAB_SIZE:
+            hf_gpt2.write_tokenizer_files(staging, cfg["context_length"])
+        else:
+            click.echo(f"note: vocab_size {cfg['vocab_size']} is smaller than GPT-2's "
+                       f"{tokenizer.VOCAB_SIZE}, so no tokenizer files are written", err=True)
+        (staging / "README.md").write_text(
+            model_card(cfg, tied, dtype, parameters, card_name, facts), encoding="utf-8"
+        )
+    click.echo(f"wrote {output_dir}: GPT2LMHeadModel, {parameters:,} parameters, "
+               f"{'tied' if tied else 'untied'} output head")
+
+    if repo_id is not None:
+        url = push_to_hub(output_dir, repo_id, private)
+        click.echo(f"pushed to {url}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Our checkpoints <-> Hugging Face transformers' GPT-2: weights, config and tokenizer files.
+
+Our GPTModel *is* GPT-2 (learned positions, pre-norm blocks, tanh GELU, LayerNorm eps
+1e-5), so converting is renaming plus three layout differences:
+  - transformers keeps GPT-2's Conv1D layers, whose weight is (in, out): the transpose
+    of nn.Linear's (out, in);
+  - its attention has one fused `c_attn` projection for Q, K and V (we have three, with
+    no bias when qkv_bias is false: GPT-2 then gets a zero bias, which adds nothing);
+  - GPT-2 ties its output head to the token embedding; ours is a separate `out_head`.
+
+The tokenizer files are derived from the vendored rank file, so nothing is downloaded.
+This module does the mapping only; export_hf.py and import_hf.py do the I/O around it.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+
+import tokenizer
+from checkpointing import CheckpointError
+
+GPT2_MODEL_TYPE = "gpt2"
+# The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key
+# (a future architecture option) can't be written as a plain GPT2LMHeadModel.
+GPT2_EXPRESSIBLE_KEYS = ("vocab_size", "emb_dim", "context_length", "n_heads", "n_layers",
+                         "drop_rate", "qkv_bias")
+# transformers' names for GPT-2's tanh-approximated GELU (the same function, ours too).
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")
+LAYER_NORM_EPS = 1e-5
+# GPT-2's attention-mask buffers, which some transformers checkpoints still carry.
+_HF_MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+class HFFormatError(click.ClickException):
+    """A model that can't be converted (not GPT-2-shaped, missing or mis-shaped tensors)."""
+
+
+def first_line(error):
+    """An exception as one line, for errors from libraries whose messages run long."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def causal_mask(context_length):
+    """The buffer the seed's attention saves in every checkpoint (1 above the diagonal)."""
+    return torch.triu(torch.ones(context_length, context_length), diagonal=1)
+
+
+# --- weights ---
+
+def _paired_names(n_layers):
+    """(our name, transformers' name, transposed?) for every tensor except Q/K/V and the head."""
+    yield "tok_emb.weight", "transformer.wte.weight", False
+    yield "pos_emb.weight", "transformer.wpe.weight", False
+    for i in range(n_layers):
+        ours, theirs = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        yield ours + "norm1.scale", theirs + "ln_1.weight", False
+        yield ours + "norm1.shift", theirs + "ln_1.bias", False
+        yield ours + "att.out_proj.weight", theirs + "attn.c_proj.weight", True
+        yield ours + "att.out_proj.bias", theirs + "attn.c_proj.bias", False
+        yield ours + "norm2.scale", theirs + "ln_2.weight", False
+        yield ours + "norm2.shift", theirs + "ln_2.bias", False
+        yield ours + "ff.layers.0.weight", theirs + "mlp.c_fc.weight", True
+        yield ours + "ff.layers.0.bias", theirs + "mlp.c_fc.bias", False
+        yield ours + "ff.layers.2.weight", theirs + "mlp.c_proj.weight", True
+        yield ours + "ff.layers.2.bias", theirs + "mlp.c_proj.bias", False
+    yield "final_norm.scale", "transformer.ln_f.weight", False
+    yield "final_norm.shift", "transformer.ln_f.bias", False
+
+
+def _qkv_names(i):
+    ours = f"trf_blocks.{i}.att."
+    return ([ours + "W_query.", ours + "W_key.", ours + "W_value."],
+            f"transformer.h.{i}.attn.c_attn.")
+
+
+def _transposed(tensor):
+    return tensor.t().contiguous()  # safetensors stores contiguous tensors only
+
+
+def heads_are_tied(state_dict):
+    return torch.equal(state_dict["out_head.weight"], state_dict["tok_emb.weight"])
+
+
+def to_transformers(state_dict, cfg):
+    """Our (checked) state dict -> GPT2LMHeadModel's. Returns (tensors, tied).
+
+    The head is written as `lm_head.weight` unless it equals the token embedding, in
+    which case the model is saved tied, as GPT-2 is (transformers then rebuilds it).
+    """
+    tensors = {}
+    for ours, theirs, transpose in _paired_names(cfg["n_layers"]):
+        tensors[theirs] = _transposed(state_dict[ours]) if transpose else state_dict[ours]
+    for i in range(cfg["n_layers"]):
+        qkv, c_attn = _qkv_names(i)
+        tensors[c_attn + "weight"] = _transposed(torch.cat([state_dict[n + "weight"] for n in qkv]))
+        if cfg["qkv_bias"]:
+            tensors[c_attn + "bias"] = torch.cat([state_dict[n + "bias"] for n in qkv])
+        else:
+            weight = state_dict[qkv[0] + "weight"]
+            tensors[c_attn + "bias"] = weight.new_zeros(3 * cfg["emb_dim"])
+    tied = heads_are_tied(state_dict)
+    if not tied:
+        tensors["lm_head.weight"] = state_dict["out_head.weight"]
+    return tensors, tied
+
+
+def transformers_shapes(cfg, tied):
+    """Every tensor GPT2LMHeadModel needs for our config, with its shape."""
+    d, vocab = cfg["emb_dim"], cfg["vocab_size"]
+    shapes = {"transformer.wte.weight": (vocab, d),
+              "transformer.wpe.weight": (cfg["context_length"], d)}
+    for i in range(cfg["n_layers"]):
+        h = f"transformer.h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
+            h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_attn.bias": (3 * d,),
+            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
+            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
+            h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
+            h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,),
+        })
+    shapes["transformer.ln_f.weight"] = (d,)
+    shapes["transformer.ln_f.bias"] = (d,)
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
+def normalise_transformers_names(tensors):
+    """Give every tensor GPT2LMHeadModel's name and drop the old attention-mask buffers.
+
+    OpenAI's checkpoints on the Hub were saved from the bare GPT2Model, so their names
+    lack the `transformer.` prefix (`h.0.attn.c_attn.weight`, `wte.weight`).
+    """
+    named = {}
+    for name, tensor in tensors.items():
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name
+        if not _HF_MASK_BUFFER.match(name):
+            named[name] = tensor
+    return named
+
+
+def from_transformers(tensors, cfg, tied, path):
+    """GPT2LMHeadModel's tensors (normalised names) -> (our config, our state dict).
+
+    `cfg` is our model config derived from the checkpoint's config.json. Missing,
+    unexpected and mis-shaped tensors are refused, naming the tensor. qkv_bias comes
+    out false when every Q/K/V bias is exactly zero (dropping them changes no number);
+    the state dict carries the seed's mask buffers.
+    """
+    expected = transformers_shapes(cfg, tied)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise HFFormatError(f"{path}: tensor '{name}' is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise HFFormatError(
+                f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, but config.json "
+                f"(n_embd={cfg['emb_dim']}, n_positions={cfg['context_length']}, "
+                f"vocab_size={cfg['vocab_size']}) needs {shape}"
+            )
+    # A tied checkpoint may still store its head; transformers ignores it in favour of
+    # the embedding, and so do we.
+    known = set(expected) | {"lm_head.weight"}
+    for name in tensors:
+        if name not in known:
+            raise HFFormatError(f"{path}: unexpected tensor '{name}': GPT-2 has no such weight")
+
+    cfg = dict(cfg, qkv_bias=any(
+        bool(tensors[f"transformer.h.{i}.attn.c_attn.bias"].any()) for i in range(cfg["n_layers"])
+    ))
+    state_dict = {}
+    for ours, theirs, transpose in _paired_names(cfg["n_layers"]):
+        state_dict[ours] = _transposed(tensors[theirs]) if transpose else tensors[theirs]
+    d = cfg["emb_dim"]
+    for i in range(cfg["n_layers"]):
+        qkv, c_attn = _qkv_names(i)
+        weights = tensors[c_attn + "weight"].split(d, dim=1)
+        biases = tensors[c_attn + "bias"].split(d)
+        for name, weight, bias in zip(qkv, weights, biases):
+            state_dict[name + "weight"] = _transposed(weight)
+            if cfg["qkv_bias"]:
+                state_dict[name + "bias"] = bias.clone()
+        state_dict[f"trf_blocks.{i}.att.mask"] = causal_mask(cfg["context_length"])
+    # Ours is a separate matrix: a copy, not a second name for the same storage.
+    head = tensors["transformer.wte.weight"] if tied else tensors["lm_head.weight"]
+    state_dict["out_head.weight"] = head.clone()
+    return cfg, state_dict
+
+
+def our_shapes(cfg):
+    """Every tensor of our GPTModel's state dict for cfg, with its shape.
+
+    Worked out from the config rather than by building a GPTModel, which for GPT-2 XL
+    would mean initialising 1.5 billion parameters just to read off their shapes.
+    """
+    d = cfg["emb_dim"]
+    theirs_shapes = transformers_shapes(cfg, tied=True)
+    shapes = {}
+    for ours, theirs, transpose in _paired_names(cfg["n_layers"]):
+        shape = theirs_shapes[theirs]
+        shapes[ours] = shape[::-1] if transpose else shape
+    for i in range(cfg["n_layers"]):
+        qkv, _ = _qkv_names(i)
+        for name in qkv:
+            shapes[name + "weight"] = (d, d)
+            if cfg["qkv_bias"]:
+                shapes[name + "bias"] = (d,)
+        shapes[f"trf_blocks.{i}.att.mask"] = (cfg["context_length"], cfg["context_length"])
+    shapes["out_head.weight"] = (cfg["vocab_size"], d)
+    return shapes
+
+
+def check_our_tensors(state_dict, cfg, path):
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
+
+    The mask buffers may be missing: every reader rebuilds them.
+    """
+    expected = our_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in state_dict:
+            if name.endswith(".att.mask"):
+                continue
+            raise CheckpointError(f"{path}: tensor '{name}' is missing")
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has shape {tuple(state_dict[name].shape)}, "
+                f"but the model config needs {shape}"
+            )
+    for name in state_dict:
+        if name not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor '{name}' for this model config")
+
+
+# --- config ---
+
+def transformers_config(cfg, tied, dtype):
+    """config.json for GPT2LMHeadModel (every key written out, as save_pretrained does)."""
+    eot = tokenizer.END_OF_TEXT_ID if cfg["vocab_size"] > tokenizer.END_OF_TEXT_ID else None
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": GPT2_MODEL_TYPE,
+        "vocab_size": cfg["vocab_size"],
+        "n_positions": cfg["context_length"],
+        "n_ctx": cfg["context_length"],  # read by old transformers releases
+        "n_embd": cfg["emb_dim"],
+        "n_layer": cfg["n_layers"],
+        "n_head": cfg["n_heads"],
+        "n_inner": None,  # 4 * n_embd, as ours
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": cfg["drop_rate"],
+        "embd_pdrop": cfg["drop_rate"],
+        "attn_pdrop": cfg["drop_rate"],
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": tied,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "use_cache": True,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,  # the name transformers 4.x reads
+    }
+
+
+def generation_config(cfg):
+    eot = tokenizer.END_OF_TEXT_ID if cfg["vocab_size"] > tokenizer.END_OF_TEXT_ID else None
+    return {"bos_token_id": eot, "eos_token_id": eot}
+
+
+def model_config_from_transformers(hf_config, path):
+    """Our model.json keys from a GPT-2 config.json; anything GPT2LMHeadModel allows but
+    our GPTModel can't compute the same way is refused, naming the key."""
+    model_type = hf_config.get("model_type")
+    if model_type != GPT2_MODEL_TYPE:
+        raise HFFormatError(
+            f"{path}: key 'model_type' is {json.dumps(model_type)}; only GPT-2 models "
+            f"(\"{GPT2_MODEL_TYPE}\") can be imported"
+        )
+
+    def get(key, default):
+        return hf_config.get(key, default)
+
+    def refuse(key, wanted):
+        raise HFFormatError(
+            f"{path}: key '{key}' is {json.dumps(hf_config.get(key))}; our GPT model needs {wanted}"
+        )
+
+    if get("activation_function", "gelu_new") not in TANH_GELU_NAMES:
+        refuse("activation_function", " or ".join(json.dumps(n) for n in TANH_GELU_NAMES))
+    if get("layer_norm_epsilon", LAYER_NORM_EPS) != LAYER_NORM_EPS:
+        refuse("layer_norm_epsilon", "1e-05")
+    if get("scale_attn_weights", True) is not True:
+        refuse("scale_attn_weights", "true")
+    if get("scale_attn_by_inverse_layer_idx", False) is not False:
+        refuse("scale_attn_by_inverse_layer_idx", "false")
+    if get("add_cross_attention", False) is not False:
+        refuse("add_cross_attention", "false")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        if key not in hf_config:
+            raise HFFormatError(f"{path}: missing key '{key}'")
+        value = hf_config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refuse(key, "an integer >= 1")
+    n_embd = hf_config["n_embd"]
+    if n_embd % hf_config["n_head"]:
+        refuse("n_embd", f"a multiple of n_head ({hf_config['n_head']})")
+    if get("n_inner", None) not in (None, 4 * n_embd):
+        refuse("n_inner", f"null or 4 * n_embd ({4 * n_embd})")
+    drop_rate = get("resid_pdrop", 0.1)
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+        refuse("resid_pdrop", "a number in [0, 1)")
+    return {
+        "vocab_size": hf_config["vocab_size"],
+        "emb_dim": n_embd,
+        "context_length": hf_config["n_positions"],
+        "n_heads": hf_config["n_head"],
+        "n_layers": hf_config["n_layer"],
+        # One rate for all three of GPT-2's dropouts (OpenAI's are all 0.1).
+        "drop_rate": float(drop_rate),
+        "qkv_bias": True,  # from_transformers decides, from the biases themselves
+    }
+
+
+# --- tokenizer files ---
+
+def byte_to_unicode():
+    """GPT-2's reversible map of the 256 byte values to printable characters.
+
+    Printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) take
+    the characters from U+0100 on, in byte order. vocab.json and merges.txt spell
+    tokens this way, so every token is a string without spaces or control characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    next_free = 256
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(next_free)
+            next_free += 1
+    return mapping
+
+
+def _merge_that_made(token, rank, ranks):
+    """The two tokens whose merge produced `token`: BPE on its bytes with only older ranks."""
+    parts = [bytes([byte]) for byte in token]
+    while len(parts) > 2:
+        best_rank, best_at = None, None
+        for i in range(len(parts) - 1):
+            pair_rank = ranks.get(parts[i] + parts[i + 1])
+            if pair_rank is not None and pair_rank < rank and (best_rank is None or pair_rank < best_rank):
+                best_rank, best_at = pair_rank, i
+        if best_at is None:
+            break
+        parts[best_at:best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two older tokens")
+    return parts
+
+
+@functools.cache
+def gpt2_vocab_and_merges():
+    """(vocab, merges) in the byte-to-unicode spelling, rebuilt from the BPE ranks.
+
+    The rank file lists each token with its rank, which is its id. Token 256+n was
+    made by merge n, so the merges come out in order by splitting each token with BPE
+    restricted to lower ranks.
+    """
+    ranks = tokenizer.get_tokenizer()._mergeable_ranks
+    to_unicode = byte_to_unicode()
+
+    def spell(token_bytes):
+        return "".join(to_unicode[byte] for byte in token_bytes)
+
+    vocab, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        vocab[spell(token)] = rank
+        if len(token) > 1:
+            first, second = _merge_that_made(token, rank, ranks)
+            merges.append((spell(first), spell(second)))
+    vocab[tokenizer.END_OF_TEXT] = tokenizer.END_OF_TEXT_ID
+    return vocab, merges
+
+
+def write_tokenizer_files(directory, model_max_length):
+    """vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, and
+    tokenizer.json when the `tokenizers` library is installed. Returns the names written."""
+    directory = Path(directory)
+    vocab, merges = gpt2_vocab_and_merges()
+    eot = tokenizer.END_OF_TEXT
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{first} {second}\n" for first, second in merges), encoding="utf-8"
+    )
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": None,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "errors": "replace",
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(tokenizer.END_OF_TEXT_ID): {
+            "content": eot, "lstrip": False, "rstrip": False, "normalized": False,
+            "single_word": False, "special": True}},
+    }, indent=2) + "\n", encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2) + "\n", encoding="utf-8")
+    written = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+        from tokenizers.models import BPE
+    except ImportError:  # transformers builds the fast tokenizer from vocab.json + merges.txt
+        return written
+    fast = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split pattern
+    fast.decoder = decoders.ByteLevel()
+    fast.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast.add_special_tokens([AddedToken(eot, special=True, normalized=False)])
+    fast.save(str(directory / "tokenizer.json"))
+    return written + ["tokenizer.json"]
+
+
+# --- output directories ---
+
+def refuse_to_overwrite(output_dir, names, overwrite):
+    """Raise unless none of `names` exists in output_dir (or overwrite is set)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise click.UsageError(f"{output_dir}: exists and is not a directory")
+    if overwrite:
+        return
+    existing = [name for name in names if (output_dir / name).exists()]
+    if existing:
+        raise click.UsageError(
+            f"{output_dir / existing[0]} already exists; pass --overwrite to replace it"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(output_dir):
+    """Yield an empty staging directory; when the block succeeds, move its files into output_dir.
+
+    Until then nothing exists under the final names, so a failure or Ctrl-C leaves
+    output_dir as it was. A new output_dir appears in one rename; into an existing one
+    each file is moved with an atomic replace.
+    """
+    output_dir = Path(output_dir)
+    stage_in = output_dir if output_dir.is_dir() else output_dir.parent
+    stage_in.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=stage_in))
+    try:
+        yield staging
+        if not output_dir.exists():
+            os.rename(staging, output_dir)
+        else:
+            for path in sorted(staging.iterdir()):
+                os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
