@@ -6,7 +6,6 @@ front and every rank on a machine shares the same page cache.
 """
 
 import json
-import math
 import struct
 import warnings
 from pathlib import Path
@@ -30,17 +29,22 @@ def split_path(dataset_dir, split) -> Path:
     return Path(dataset_dir) / f"{split}.safetensors"
 
 
-def open_tokens(path) -> np.memmap:
+def open_tokens(path) -> np.ndarray:
     """Memory-map the `tokens` tensor of a safetensors file, without reading it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     # safetensors layout: u64 little-endian header length, JSON header, then raw data.
+    file_size = path.stat().st_size
     try:
         with open(path, "rb") as file:
             (header_length,) = struct.unpack("<Q", file.read(8))
+            if header_length > file_size - 8:
+                raise ValueError("header longer than the file")
             header = json.loads(file.read(header_length))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise DatasetError(f"{path}: not a safetensors file") from None
     names = [name for name in header if name != "__metadata__"]
     if names != [TENSOR_NAME]:
@@ -48,19 +52,30 @@ def open_tokens(path) -> np.memmap:
             f"{path}: expected exactly one tensor named '{TENSOR_NAME}', found {names or 'none'}"
         )
     info = header[TENSOR_NAME]
-    if info["dtype"] not in TOKEN_DTYPES:
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise DatasetError(f"{path}: tensor '{TENSOR_NAME}' has a malformed header entry") from None
+    if dtype_name not in TOKEN_DTYPES:
         raise DatasetError(
-            f"{path}: tensor '{TENSOR_NAME}' has dtype {info['dtype']}; "
+            f"{path}: tensor '{TENSOR_NAME}' has dtype {dtype_name}; "
             f"token ids must be one of {', '.join(TOKEN_DTYPES)}"
         )
-    if len(info["shape"]) != 1:
-        raise DatasetError(f"{path}: tensor '{TENSOR_NAME}' has shape {info['shape']}; expected 1-D")
-    count = info["shape"][0]
-    begin, _ = info["data_offsets"]
-    dtype = TOKEN_DTYPES[info["dtype"]]
+    if not isinstance(shape, list) or len(shape) != 1:
+        raise DatasetError(f"{path}: tensor '{TENSOR_NAME}' has shape {shape}; expected 1-D")
+    if not all(isinstance(number, int) and number >= 0 for number in (shape[0], begin, end)):
+        raise DatasetError(f"{path}: tensor '{TENSOR_NAME}' has a malformed header entry")
+    dtype = np.dtype(TOKEN_DTYPES[dtype_name]).newbyteorder("<")  # safetensors is little-endian
+    count = shape[0]
+    data_start = 8 + header_length + begin
+    if end - begin != count * dtype.itemsize or data_start + count * dtype.itemsize > file_size:
+        raise DatasetError(
+            f"{path}: tensor '{TENSOR_NAME}' claims {count:,} tokens, but the file holds "
+            f"{max(file_size - data_start, 0) // dtype.itemsize:,}: truncated or corrupt"
+        )
     if count == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=8 + header_length + begin, shape=(count,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_start, shape=(count,))
 
 
 class TokenBatches:
@@ -101,6 +116,8 @@ def load_dataset(dataset_dir, split, min_tokens, start_token, world_size, miniba
     path = split_path(dataset_dir, split)
     tokens = open_tokens(path)
     global_batch = world_size * minibatch_size * seq_length
+    if start_token < 0:
+        raise DatasetError(f"{path}: start token {start_token:,} is negative")
     if start_token >= len(tokens):
         raise DatasetError(
             f"{path}: start token {start_token:,} is past the end of the split ({len(tokens):,} tokens)"
@@ -109,7 +126,7 @@ def load_dataset(dataset_dir, split, min_tokens, start_token, world_size, miniba
     if min_tokens == -1:
         num_global_batches = (available - 1) // global_batch
     else:
-        num_global_batches = math.ceil(min_tokens / global_batch)
+        num_global_batches = -(-min_tokens // global_batch)  # ceiling, in exact integers
     wanted = num_global_batches * global_batch + 1
     if num_global_batches == 0 or wanted > available:
         wanted = max(wanted, global_batch + 1)
@@ -131,14 +148,30 @@ def _has_splits(directory: Path, splits) -> bool:
     return all(split_path(directory, split).is_file() for split in splits)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _downloaded_from_hub(directory: Path) -> bool:
+    # snapshot_download(local_dir=...) keeps its bookkeeping in local_dir/.cache/huggingface.
+    return (directory / ".cache" / "huggingface").is_dir()
+
+
 def resolve_dataset_dir(dataset: str, datasets_dir, splits=SPLITS) -> Path:
     """Where a train.json `dataset` value lives on disk, downloading it first if it is a Hub repo.
 
-    - an absolute path to a directory: used as it is, nothing downloaded;
-    - a Hub dataset repo id ("owner/name"): fetched with snapshot_download into
-      DATASETS_DIR/owner/name, as the seed does (only the split files asked for);
-      if the Hub can't be reached but the files are already there, they are used;
-    - anything else: a directory relative to DATASETS_DIR.
+    - an absolute path: a local directory, used as it is; nothing downloaded;
+    - a relative path whose DATASETS_DIR/<dataset> holds the split files and was not made
+      by a Hub download: a local directory too (so "myname/my-tokens" made by
+      prepare_datasets.py works without a Hub repo of that name);
+    - otherwise a Hub dataset repo id ("owner/name"), fetched with snapshot_download into
+      DATASETS_DIR/owner/name as the seed does (only the split files asked for; files
+      already there and current are not fetched again). If the Hub can't be reached but
+      the files are there, they are used, with a warning.
+
+    Several processes may call this at once for the same directory (huggingface_hub locks
+    each file), but it is cheaper to let one per machine download and the others wait.
     """
     datasets_dir = Path(datasets_dir)
     as_given = Path(dataset).expanduser()
@@ -147,29 +180,37 @@ def resolve_dataset_dir(dataset: str, datasets_dir, splits=SPLITS) -> Path:
             raise DatasetError(f"dataset directory {as_given} does not exist")
         return as_given
     local_dir = datasets_dir / dataset
+    if _has_splits(local_dir, splits) and not _downloaded_from_hub(local_dir):
+        return local_dir
     if not _looks_like_repo_id(dataset):
         if not local_dir.is_dir():
-            raise DatasetError(f"dataset directory {local_dir} does not exist")
+            raise DatasetError(
+                f"dataset directory {local_dir} does not exist (and '{dataset}' is not a "
+                f"Hugging Face repo id of the form owner/name)"
+            )
         return local_dir
 
-    from huggingface_hub import snapshot_download  # imported late: only downloads need it
+    # Imported here: reading HF_ENDPOINT and friends is only needed when downloading.
+    from huggingface_hub import HfApi, snapshot_download
 
+    wanted = [split_path(".", split).name for split in splits]
     try:
-        snapshot_download(
-            repo_id=dataset,
-            repo_type="dataset",
-            local_dir=local_dir,
-            allow_patterns=[f"{split}.safetensors" for split in splits],
-        )
-    except Exception as error:  # network, auth, missing repo: all end the same way
+        # Ask for the current commit first: a clear error when the Hub is out of reach,
+        # and every file then comes from that one commit.
+        commit = HfApi().dataset_info(dataset).sha
+        snapshot_download(repo_id=dataset, repo_type="dataset", revision=commit,
+                          local_dir=local_dir, allow_patterns=wanted)
+    except Exception as error:  # network, auth, missing repo or file: all end the same way
+        reason = _first_line(error)
         if _has_splits(local_dir, splits):
             warnings.warn(
-                f"could not reach the Hugging Face Hub for {dataset} ({type(error).__name__}); "
+                f"could not update dataset {dataset} from the Hugging Face Hub ({reason}); "
                 f"using the files already in {local_dir}",
                 stacklevel=2,
             )
             return local_dir
-        raise DatasetError(
-            f"could not download dataset {dataset} into {local_dir}: {type(error).__name__}: {error}"
-        ) from None
+        raise DatasetError(f"could not download dataset {dataset} into {local_dir}: {reason}") from None
+    missing = [name for name in wanted if not (local_dir / name).is_file()]
+    if missing:
+        raise DatasetError(f"dataset {dataset} on the Hugging Face Hub has no {', '.join(missing)}")
     return local_dir
