@@ -1,11 +1,45 @@
-"""Model weights and checkpoint directories on disk."""
+"""Model weights and checkpoint directories on disk.
 
+A run's checkpoints keep the original scripts' layout, so existing runs keep working:
+
+    runs/RUN/checkpoints/
+        20251209Z143355-iteration-1000/    (UTC time it was written, global step)
+            model.safetensors   the bare model's state dict (loads strictly into GPTModel)
+            optimizer.pt        AdamW state
+            scaler.pt           GradScaler state (empty when no scaler is used)
+            rng_state.pt        every rank's random-number generator states (ours only)
+            meta.json           train_loss, val_loss, global_step, is_best, and more
+        best -> 20251209Z143355-iteration-1000     (relative symlinks)
+        latest -> ...
+
+Crash safety. A checkpoint is written into a hidden directory (`.partial-NAME`),
+every file and the directory are fsynced, and only then is it renamed to NAME: a
+process killed at any instant leaves either a complete checkpoint or a hidden
+leftover, never a half-written one under its final name. `best` and `latest` are
+swapped by renaming a new symlink over the old one, so they always point at a
+complete checkpoint. Old checkpoints are deleted the same way round: renamed out
+of sight first, removed after. Listing skips anything that isn't a complete
+checkpoint, including the leftovers of the original scripts' non-atomic saves.
+
+Nothing here needs pickle to run code: `.pt` files hold only tensors and plain
+values and are read with `torch.load(..., weights_only=True)`.
+"""
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
 from pathlib import Path
 
 import click
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from config import load_model_config
 from gpt import GPTModel
@@ -13,6 +47,19 @@ from gpt import GPTModel
 
 class CheckpointError(click.ClickException):
     """A missing, corrupt or mismatched weights/checkpoint file; printed as one line, exit 1."""
+
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCALER_FILE = "scaler.pt"
+RNG_FILE = "rng_state.pt"
+META_FILE = "meta.json"
+LINK_NAMES = ("best", "latest")
+PARTIAL_PREFIX = ".partial-"     # a checkpoint being written
+DOOMED_PREFIX = ".deleting-"     # a pruned checkpoint being removed
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+NAME_PATTERN = re.compile(r"^(?P<time>\d{8}Z\d{6})-iteration-(?P<step>\d+)$")
 
 
 def read_weights(path) -> dict:
@@ -42,10 +89,8 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, path) -> None:
             raise CheckpointError(f"{path}: unexpected tensor '{key}' for this model config")
 
 
-def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
-    """A GPTModel built from model.json with weights from a safetensors file, in eval mode."""
-    cfg = load_model_config(model_config_path)
-    model = GPTModel(cfg)
+def load_weights_into(model: GPTModel, weights_path) -> None:
+    """Load a model.safetensors strictly into `model`, naming the file and tensor on mismatch."""
     state_dict = read_weights(weights_path)
     # A file without the causal-mask buffers (ours always write them) is still usable.
     for key, buffer in model.state_dict().items():
@@ -53,4 +98,318 @@ def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
             state_dict[key] = buffer
     check_state_dict(model, state_dict, weights_path)
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
+    """A GPTModel built from model.json with weights from a safetensors file, in eval mode."""
+    model = GPTModel(load_model_config(model_config_path))
+    load_weights_into(model, weights_path)
     return model.to(device).eval()
+
+
+# --- listing ---
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    name: str          # directory name, e.g. 20251209Z143355-iteration-1000
+    path: Path
+    global_step: int
+    meta: dict
+
+    @property
+    def written_at(self) -> str:
+        return NAME_PATTERN.match(self.name)["time"]
+
+
+def read_meta(checkpoint_dir) -> dict:
+    """meta.json of a checkpoint, with errors naming the file."""
+    path = Path(checkpoint_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
+    step = meta.get("global_step") if isinstance(meta, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: no valid 'global_step' (got {json.dumps(step)})")
+    return meta
+
+
+def _complete_checkpoint(path: Path, name: str) -> Checkpoint | None:
+    """The checkpoint at path, or None for anything that isn't a complete one."""
+    if not NAME_PATTERN.match(name) or not path.is_dir() or not (path / MODEL_FILE).is_file():
+        return None
+    try:
+        meta = read_meta(path)
+    except CheckpointError:
+        return None  # e.g. the original scripts died before writing meta.json, their last file
+    return Checkpoint(name, path, meta["global_step"], meta)
+
+
+def list_checkpoints(checkpoints_dir) -> list[Checkpoint]:
+    """Complete checkpoints, oldest first (by the time in the name, then the step).
+
+    Symlinks, hidden leftovers of interrupted saves and deletions, stray files and
+    directories without a complete set of files are all skipped.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for entry in checkpoints_dir.iterdir():
+        if entry.is_symlink() or entry.name.startswith("."):
+            continue
+        checkpoint = _complete_checkpoint(entry, entry.name)
+        if checkpoint is not None:
+            found.append(checkpoint)
+    return sorted(found, key=lambda c: (c.written_at, c.global_step))
+
+
+def link_target(checkpoints_dir, link_name) -> Checkpoint | None:
+    """The complete checkpoint that `best` or `latest` points at, or None."""
+    link = Path(checkpoints_dir) / link_name
+    if not link.is_symlink():
+        return None
+    target = link.resolve()
+    return _complete_checkpoint(target, target.name)
+
+
+def resolve_checkpoint(checkpoints_dir, name: str) -> Checkpoint:
+    """A checkpoint named on the command line: `latest`, `best` or a directory name."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if name in LINK_NAMES:
+        checkpoint = link_target(checkpoints_dir, name)
+        if checkpoint is None:
+            problem = ("points at an incomplete or missing checkpoint"
+                       if (checkpoints_dir / name).is_symlink() else "does not exist")
+            raise CheckpointError(f"{checkpoints_dir / name} {problem}{_available(checkpoints_dir)}")
+        return checkpoint
+    if "/" in name or os.sep in name or not NAME_PATTERN.match(name):
+        raise CheckpointError(
+            f"'{name}' is not a checkpoint name: give latest, best, or a directory name "
+            f"like 20251209Z143355-iteration-1000 under {checkpoints_dir}{_available(checkpoints_dir)}"
+        )
+    checkpoint = _complete_checkpoint(checkpoints_dir / name, name)
+    if checkpoint is None:
+        problem = "is incomplete" if (checkpoints_dir / name).exists() else "does not exist"
+        raise CheckpointError(f"{checkpoints_dir / name} {problem}{_available(checkpoints_dir)}")
+    return checkpoint
+
+
+def _available(checkpoints_dir) -> str:
+    names = [c.name for c in list_checkpoints(checkpoints_dir)]
+    if not names:
+        return " (there are no complete checkpoints)"
+    shown = ", ".join(names[-3:])
+    return f" (newest: {shown}{f'; {len(names)} in all' if len(names) > 3 else ''})"
+
+
+def best_val_loss(checkpoints_dir) -> float:
+    """The validation loss `best` points at (as the original scripts); the lowest listed if
+    `best` is missing; infinity when there are no checkpoints."""
+    best = link_target(checkpoints_dir, "best")
+    if best is not None and _is_number(best.meta.get("val_loss")):
+        return float(best.meta["val_loss"])
+    losses = [float(c.meta["val_loss"]) for c in list_checkpoints(checkpoints_dir)
+              if _is_number(c.meta.get("val_loss"))]
+    return min(losses, default=math.inf)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def loss_history(checkpoints_dir, up_to_step=None) -> list[dict]:
+    """(global_step, train_loss, val_loss, is_best) points from every complete checkpoint.
+
+    Used where a checkpoint carries no `history` of its own (the original scripts'):
+    one point per step, the most recently written checkpoint winning where a run
+    was resumed from an earlier one and went over the same steps again.
+    """
+    points = {}
+    for checkpoint in list_checkpoints(checkpoints_dir):  # oldest first: newer ones overwrite
+        meta = checkpoint.meta
+        if up_to_step is not None and checkpoint.global_step > up_to_step:
+            continue
+        if not (_is_number(meta.get("train_loss")) and _is_number(meta.get("val_loss"))):
+            continue
+        points[checkpoint.global_step] = history_point(meta)
+    return [points[step] for step in sorted(points)]
+
+
+def history_point(meta: dict) -> dict:
+    return {key: meta[key] for key in ("global_step", "train_loss", "val_loss")} | {
+        "is_best": bool(meta.get("is_best", False))}
+
+
+# --- writing ---
+
+# Tests set CHECKPOINTING_TEST_KILL_AT=POINT@STEP to SIGKILL the saving process at a
+# named point of the save of global step STEP: the only way to prove that a crash at
+# exactly that instant leaves nothing half-visible. Unset, it does nothing.
+KILL_AT_VARIABLE = "CHECKPOINTING_TEST_KILL_AT"
+
+
+def _test_kill_point(point: str, global_step: int) -> None:
+    if os.environ.get(KILL_AT_VARIABLE) == f"{point}@{global_step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new directory entry is only durable once its directory is synced.
+    _fsync_file(path)
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _new_name(checkpoints_dir: Path, global_step: int) -> str:
+    while True:
+        name = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dZ%H%M%S}-iteration-{global_step}"
+        if not os.path.lexists(checkpoints_dir / name):
+            return name
+        time.sleep(0.2)  # the same step saved twice within a second: wait for a fresh name
+
+
+def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
+    """Make checkpoints_dir/link_name a relative symlink to target_name, atomically."""
+    temporary = checkpoints_dir / f".{link_name}.{os.getpid()}.tmp"
+    if os.path.lexists(temporary):
+        temporary.unlink()
+    temporary.symlink_to(target_name, target_is_directory=True)
+    os.replace(temporary, checkpoints_dir / link_name)
+    _fsync_dir(checkpoints_dir)
+
+
+def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict,
+                    scaler_state: dict, rng_state: dict | None, meta: dict,
+                    keep: int | None = None) -> Checkpoint:
+    """Write a complete checkpoint atomically, point `latest` (and `best` when meta says
+    is_best) at it, and delete all but the newest `keep` (best and latest are kept)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    global_step = meta["global_step"]
+    name = _new_name(checkpoints_dir, global_step)
+    partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+
+    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
+    save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
+    os.chmod(partial / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors creates it owner-only
+    _fsync_file(partial / MODEL_FILE)
+    _test_kill_point("partial", global_step)
+    _torch_save(optimizer_state, partial / OPTIMIZER_FILE)
+    _torch_save(scaler_state, partial / SCALER_FILE)
+    if rng_state is not None:
+        _torch_save(rng_state, partial / RNG_FILE)
+    with open(partial / META_FILE, "w", encoding="utf-8") as file:
+        json.dump(meta, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    _fsync_dir(partial)
+    _test_kill_point("before-rename", global_step)
+
+    final = checkpoints_dir / name
+    os.rename(partial, final)
+    _fsync_dir(checkpoints_dir)
+    _test_kill_point("after-rename", global_step)
+    point_link(checkpoints_dir, "latest", name)
+    _test_kill_point("after-latest", global_step)
+    if meta.get("is_best"):
+        point_link(checkpoints_dir, "best", name)
+    if keep is not None:
+        prune_checkpoints(checkpoints_dir, keep)
+    return Checkpoint(name, final, global_step, meta)
+
+
+def prune_checkpoints(checkpoints_dir, keep: int) -> list[str]:
+    """Delete all but the `keep` most recently written checkpoints, never the targets of
+    `best` and `latest`. Returns the names deleted."""
+    checkpoints_dir = Path(checkpoints_dir)
+    protected = {c.name for c in (link_target(checkpoints_dir, link) for link in LINK_NAMES) if c}
+    checkpoints = list_checkpoints(checkpoints_dir)
+    doomed = [c for c in checkpoints[:max(0, len(checkpoints) - keep)] if c.name not in protected]
+    for checkpoint in doomed:
+        # Out of sight first: a crash mid-removal leaves a hidden leftover, not a
+        # visible checkpoint with half its files.
+        hidden = checkpoints_dir / f"{DOOMED_PREFIX}{checkpoint.name}"
+        os.rename(checkpoint.path, hidden)
+        _test_kill_point("mid-prune", checkpoint.global_step)
+        shutil.rmtree(hidden)
+    if doomed:
+        _fsync_dir(checkpoints_dir)
+    return [c.name for c in doomed]
+
+
+def remove_leftovers(checkpoints_dir) -> list[str]:
+    """Remove what interrupted saves, deletions and link swaps left behind.
+
+    Only call this when no other process is writing into the directory (ddp_train.py
+    does, on global rank 0, before training starts)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    removed = []
+    for entry in checkpoints_dir.iterdir():
+        name = entry.name
+        if name.startswith((PARTIAL_PREFIX, DOOMED_PREFIX)) and not entry.is_symlink() and entry.is_dir():
+            shutil.rmtree(entry)
+        elif name.startswith(".") and name.endswith(".tmp") and entry.is_symlink():
+            entry.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+# --- reading what resuming needs ---
+
+@dataclasses.dataclass
+class ResumeState:
+    checkpoint: Checkpoint
+    optimizer_state: dict
+    scaler_state: dict
+    rng_state: dict | None   # None for checkpoints written by the original scripts
+
+
+def read_torch_file(path) -> object:
+    """A .pt file of tensors and plain values, loaded without running any pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zip, truncated file, disallowed pickle global
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({message})") from None
+
+
+def read_resume_state(checkpoint: Checkpoint) -> ResumeState:
+    """Optimizer, scaler and RNG states of a checkpoint (the weights are read separately)."""
+    optimizer_state = read_torch_file(checkpoint.path / OPTIMIZER_FILE)
+    if not isinstance(optimizer_state, dict) or "state" not in optimizer_state:
+        raise CheckpointError(f"{checkpoint.path / OPTIMIZER_FILE}: not an optimizer state dict")
+    scaler_state = read_torch_file(checkpoint.path / SCALER_FILE)
+    if not isinstance(scaler_state, dict):
+        raise CheckpointError(f"{checkpoint.path / SCALER_FILE}: not a GradScaler state dict")
+    rng_state = None
+    if (checkpoint.path / RNG_FILE).exists():
+        rng_state = read_torch_file(checkpoint.path / RNG_FILE)
+        if not isinstance(rng_state, dict):
+            raise CheckpointError(f"{checkpoint.path / RNG_FILE}: not an RNG state dict")
+    return ResumeState(checkpoint, optimizer_state, scaler_state, rng_state)
