@@ -190,11 +190,77 @@ class GPTModel(nn.Module):
             x = block(x, layer_cache, attn_mask)
         return self.final_norm(x)
 
-    def forward(self, in_idx, kv_cache=None):
-        return self.out_head(self.hidden_states(in_idx, kv_cache))
+    def forward(self, in_idx, kv_cache=None, targets=None):
+        """Logits (batch, tokens, vocab); or, given targets, the mean cross-entropy loss.
+
+        The loss path never holds the whole batch's logits: see LinearCrossEntropy.
+        Targets equal to -100 are ignored, as in F.cross_entropy.
+        """
+        hidden = self.hidden_states(in_idx, kv_cache)
+        if targets is None:
+            return self.out_head(hidden)
+        return LinearCrossEntropy.apply(hidden.flatten(0, 1), self.out_head.weight, targets.flatten())
 
     def new_kv_cache(self, pad_lengths=None):
         return KVCache(len(self.trf_blocks), self.context_length, pad_lengths)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(hidden @ weight.T, targets)), a chunk of rows at a time.
+
+    Equal to F.cross_entropy(out_head(hidden), targets), but the (tokens x 50,257)
+    logits never exist at once, in any dtype. Each chunk's logits are made, turned
+    into the loss and into the gradients for hidden and weight (softmax - one_hot,
+    the cross-entropy gradient) right away, and dropped; backward only scales the
+    stored gradients. That removes the biggest tensors of a training step and most
+    of its memory traffic: the fp32 copy and log-softmax of all logits, their
+    gradient's zero-fill and dtype copies. Under autocast the matmuls run in the
+    autocast dtype and the softmax in fp32, as they would unfused.
+    """
+
+    ROWS_PER_CHUNK_ELEMENTS = 2 ** 24  # ~64 MB of fp32 logits per chunk
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type)
+                         if torch.is_autocast_enabled(device_type) else weight.dtype)
+        compute_weight = weight.to(compute_dtype)
+        counted = targets != -100
+        safe_targets = torch.where(counted, targets, 0)[:, None]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        chunk_rows = max(1, LinearCrossEntropy.ROWS_PER_CHUNK_ELEMENTS // weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk_hidden = hidden[rows].to(compute_dtype)
+            logits = (chunk_hidden @ compute_weight.t()).float()
+            log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+            target_logits = logits.gather(1, safe_targets[rows])
+            loss_sum += ((log_normaliser - target_logits).squeeze(1) * counted[rows]).sum()
+            if not needs_grad:
+                continue
+            # d(loss_i)/d(logits_i) = softmax(logits_i) - one_hot(target_i); zero if ignored.
+            grad_logits = logits.sub_(log_normaliser).exp_()
+            grad_logits.scatter_add_(1, safe_targets[rows], -torch.ones_like(target_logits))
+            grad_logits = grad_logits.mul_(counted[rows, None]).to(compute_dtype)
+            grad_hidden[rows] = grad_logits @ compute_weight
+            grad_weight += (grad_logits.t() @ chunk_hidden).float()
+        count = counted.sum().clamp(min=1)
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight, count)
+            ctx.weight_dtype = weight.dtype
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return (grad_hidden * scale.to(grad_hidden.dtype),
+                (grad_weight * scale).to(ctx.weight_dtype),
+                None)
 
 
 def _decoding_positions_and_mask(pad_lengths, start, num_tokens, batch, device):

@@ -145,3 +145,28 @@ def test_dropout_is_active_in_training_mode_only():
     assert not torch.equal(model(token_ids), model(token_ids))
     model.eval()
     assert torch.equal(model(token_ids), model(token_ids))
+
+
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 503 * 7])  # one chunk; many uneven chunks
+def test_fused_loss_equals_cross_entropy_of_logits(monkeypatch, chunk_elements):
+    from gpt import LinearCrossEntropy
+    monkeypatch.setattr(LinearCrossEntropy, "ROWS_PER_CHUNK_ELEMENTS", chunk_elements)
+    cfg = tiny_config()
+    _, ours = paired_models(cfg, seed=5)
+    token_ids = torch.randint(0, cfg["vocab_size"], (3, 20))
+    targets = torch.randint(0, cfg["vocab_size"], (3, 20))
+    targets[0, :6] = -100  # ignored positions, as test_ift's padding uses
+
+    expected = torch.nn.functional.cross_entropy(ours(token_ids).flatten(0, 1), targets.flatten())
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in ours.named_parameters()}
+    ours.zero_grad()
+    actual = ours(token_ids, targets=targets)
+    actual.backward()
+
+    assert torch.allclose(actual, expected, rtol=1e-6)
+    for name, parameter in ours.named_parameters():
+        reference = expected_grads[name]
+        assert (parameter.grad - reference).abs().max() <= 1e-5 * reference.abs().max() + 1e-9, name
+    with torch.no_grad():
+        assert torch.allclose(ours(token_ids, targets=targets), expected, rtol=1e-6)
