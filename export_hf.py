@@ -73,11 +73,11 @@ def checkpoint_facts(weights_path):
     return facts
 
 
-def _format_fact(value):
+def _format_fact(value, decimals=None):
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{decimals}f}" if decimals is not None else f"{value:.6g}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -126,16 +126,16 @@ def model_card(cfg, tied, dtype, parameters, name, facts):
     ]
     if facts is not None:
         meta = dict(facts["meta"])
-        labelled = [("global_step", "global step"), ("tokens_seen", "tokens seen"),
-                    ("train_loss", "training loss"), ("val_loss", "validation loss"),
-                    ("is_best", "best validation loss of the run so far")]
+        labelled = [("global_step", "global step", None), ("tokens_seen", "tokens seen", None),
+                    ("train_loss", "training loss", 4), ("val_loss", "validation loss", 4),
+                    ("is_best", "best validation loss of the run so far", None)]
         lines += ["", "## Training", "", "| | |", "|---|---|"]
         if facts["run"] is not None:
             lines.append(f"| run | `{facts['run']}` |")
         lines.append(f"| checkpoint | `{facts['checkpoint']}` |")
-        for key, label in labelled:
+        for key, label, decimals in labelled:
             if key in meta:
-                lines.append(f"| {label} | {_format_fact(meta.pop(key))} |")
+                lines.append(f"| {label} | {_format_fact(meta.pop(key), decimals)} |")
         for key, value in meta.items():  # whatever else the run recorded
             if isinstance(value, (bool, int, float, str)):
                 lines.append(f"| {key} | {_format_fact(value)} |")
@@ -145,6 +145,15 @@ def model_card(cfg, tied, dtype, parameters, name, facts):
 
 
 # --- Hub ---
+
+def check_repo_id(repo_id):
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise click.BadParameter(hf_gpt2.first_line(error), param_hint="--push-to-hub") from None
+
 
 def push_to_hub(output_dir, repo_id, private):
     """Create the repo if needed and upload the directory; the token is the client's
@@ -177,6 +186,8 @@ def push_to_hub(output_dir, repo_id, private):
 def main(model_config_path, model_safetensors_path, output_dir, repo_id, private, overwrite):
     if private and repo_id is None:
         raise click.UsageError("--private only applies with --push-to-hub REPO_ID")
+    if repo_id is not None:
+        check_repo_id(repo_id)  # before the export, not after it
     output_dir = Path(output_dir)
     hf_gpt2.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
     cfg = load_gpt2_expressible_config(model_config_path)

@@ -136,14 +136,15 @@ def transformers_shapes(cfg, tied):
 
 
 def normalise_transformers_names(tensors):
-    """Give every tensor GPT2LMHeadModel's name and drop the old attention-mask buffers.
+    """Give GPT-2's tensors GPT2LMHeadModel's names and drop the old attention-mask buffers.
 
     OpenAI's checkpoints on the Hub were saved from the bare GPT2Model, so their names
-    lack the `transformer.` prefix (`h.0.attn.c_attn.weight`, `wte.weight`).
+    lack the `transformer.` prefix (`h.0.attn.c_attn.weight`, `wte.weight`). Names that
+    are no part of GPT-2 are kept as they are, to be refused by name.
     """
     named = {}
     for name, tensor in tensors.items():
-        if not name.startswith(("transformer.", "lm_head.")):
+        if name.startswith(("wte.", "wpe.", "h.", "ln_f.")):
             name = "transformer." + name
         if not _HF_MASK_BUFFER.match(name):
             named[name] = tensor
@@ -441,12 +442,12 @@ def refuse_to_overwrite(output_dir, names, overwrite):
     """Raise unless none of `names` exists in output_dir (or overwrite is set)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise click.UsageError(f"{output_dir}: exists and is not a directory")
+        raise click.ClickException(f"{output_dir}: exists and is not a directory")
     if overwrite:
         return
     existing = [name for name in names if (output_dir / name).exists()]
     if existing:
-        raise click.UsageError(
+        raise click.ClickException(
             f"{output_dir / existing[0]} already exists; pass --overwrite to replace it"
         )
 

@@ -1,0 +1,450 @@
+"""export_hf.py and import_hf.py against real transformers models, tokenizers and a Hub stand-in.
+
+The numbers are checked both ways (our logits == transformers' within 1e-4 in fp32),
+the round trips bit for bit, the tokenizer on a varied text set, and the push on the
+real huggingface_hub client talking to tests/servers/hub_upload.py over HTTP.
+Most runs go through click's test runner in this process (importing torch in a fresh
+process costs seconds on this machine); real subprocesses run where the process
+boundary matters: the push (the client reads HF_ENDPOINT at import time) and
+test_smoke.py on an imported model.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import export_hf
+import hf_gpt2
+import import_hf
+import tokenizer
+from checkpointing import load_model
+from gpt import GPTModel, generate
+import transformers  # the dev dependency group
+from servers.hub_upload import HubUploadServer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(vocab_size=97, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
+            drop_rate=0.0, qkv_bias=False)
+# The tokenizer needs GPT-2's whole vocabulary; everything else stays tiny.
+FULL_VOCAB = dict(vocab_size=50257, emb_dim=16, context_length=32, n_heads=2, n_layers=1,
+                  drop_rate=0.1, qkv_bias=True)
+TOKEN = "hf_stand_in_token_0123456789"
+
+
+# --- helpers ---
+
+def run_script(script, *args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def invoke(command, *args):
+    return CliRunner().invoke(command, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, exit_code, *fragments):
+    """A user mistake: one error line on stderr, no traceback. Exit code 1 is an error
+    about a file (just that line); 2 a usage error, which click prefixes with the usage."""
+    assert result.exit_code == exit_code, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # not a crash
+    lines = result.stderr.strip().splitlines()
+    if exit_code == 1:
+        assert len(lines) == 1, result.stderr
+    assert lines[-1].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def perturbed(model, seed):
+    """Random values in every parameter, LayerNorm and biases included, so that any
+    misplaced, transposed or dropped tensor changes the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def save_ours(directory, cfg, model):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.json").write_text(json.dumps(cfg))
+    save_file(model.state_dict(), directory / "model.safetensors")  # with the mask buffers
+    return directory / "model.json", directory / "model.safetensors"
+
+
+def our_model(cfg, seed, tied=False):
+    model = perturbed(GPTModel(cfg), seed)
+    if tied:
+        with torch.no_grad():
+            model.out_head.weight.copy_(model.tok_emb.weight)
+    return model
+
+
+def transformers_gpt2(seed, tied, vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4):
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, tie_word_embeddings=tied,
+        bos_token_id=None if vocab_size <= 50256 else 50256,
+        eos_token_id=None if vocab_size <= 50256 else 50256,
+    )
+    return perturbed(transformers.GPT2LMHeadModel(config), seed)
+
+
+def load_exported(directory):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    # No warnings about weights: nothing missing, unexpected or mis-shaped.
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+                    "error_msgs": []}
+    return model.eval()
+
+
+def max_logit_difference(ours, theirs, vocab_size, context_length, seed=0):
+    tokens = torch.randint(0, vocab_size, (3, context_length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return (ours(tokens) - theirs(tokens).logits).abs().max().item()
+
+
+# --- export, then import back ---
+
+@pytest.mark.parametrize("qkv_bias, tied", [(False, False), (True, False), (False, True)])
+def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias, tied):
+    cfg = dict(TINY, qkv_bias=qkv_bias)
+    ours = our_model(cfg, seed=1, tied=tied)
+    config_path, weights_path = save_ours(tmp_path / "ours", cfg, ours)
+
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
+    assert result.exit_code == 0, result.output
+    exported = load_exported(tmp_path / "export")
+    assert exported.config.tie_word_embeddings is tied
+    assert exported.config.n_positions == cfg["context_length"]
+    assert "auto_map" not in json.loads((tmp_path / "export" / "config.json").read_text())
+    assert ("lm_head.weight" in load_file(tmp_path / "export" / "model.safetensors")) is not tied
+    assert max_logit_difference(ours, exported, cfg["vocab_size"], cfg["context_length"]) < 1e-4
+
+    result = invoke(import_hf.main, tmp_path / "export", tmp_path / "back")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "back" / "model.json").read_text()) == cfg
+    original, back = load_file(weights_path), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(original)  # the mask buffers included
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+
+
+# --- import, then export back ---
+
+def save_openai_style(model, directory):
+    """The layout of OpenAI's GPT-2 on the Hub: the bare GPT2Model's names (no
+    `transformer.` prefix, no lm_head) with the old attention-mask buffers, as a pickle."""
+    directory.mkdir()
+    model.config.save_pretrained(directory)
+    state_dict = {name.removeprefix("transformer."): tensor.clone()
+                  for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    n_positions = model.config.n_positions
+    for i in range(model.config.n_layer):
+        state_dict[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions))[None, None]
+        state_dict[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state_dict, directory / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("layout", ["safetensors-tied", "safetensors-untied", "openai-pickle"])
+def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path, layout):
+    tied = layout != "safetensors-untied"
+    theirs = transformers_gpt2(seed=2, tied=tied)
+    source = tmp_path / "hf"
+    if layout == "openai-pickle":
+        save_openai_style(theirs, source)
+    else:
+        theirs.save_pretrained(source)
+
+    result = invoke(import_hf.main, source, tmp_path / "ours")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "ours" / "model.json").read_text())
+    assert cfg == dict(TINY, drop_rate=0.1, qkv_bias=True)
+    ours = load_model(tmp_path / "ours" / "model.json", tmp_path / "ours" / "model.safetensors")  # strict
+    assert max_logit_difference(ours, theirs, cfg["vocab_size"], cfg["context_length"]) < 1e-4
+    weights = load_file(tmp_path / "ours" / "model.safetensors")
+    for i in range(cfg["n_layers"]):  # the seed's buffers, as the original scripts save them
+        assert torch.equal(weights[f"trf_blocks.{i}.att.mask"], torch.triu(torch.ones(16, 16), diagonal=1))
+
+    result = invoke(export_hf.main, tmp_path / "ours" / "model.json",
+                    tmp_path / "ours" / "model.safetensors", tmp_path / "back")
+    assert result.exit_code == 0, result.output
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    expected = {name: tensor for name, tensor in theirs.state_dict().items()
+                if not (tied and name == "lm_head.weight")}
+    assert sorted(back) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_imported_model_runs_in_test_smoke(tmp_path):
+    """test_smoke.py, unchanged, on what import_hf.py wrote continues the prompt exactly
+    as transformers does with the same weights."""
+    theirs = transformers_gpt2(seed=3, tied=True, vocab_size=50257, n_positions=32, n_embd=16,
+                               n_layer=1, n_head=2)
+    theirs.save_pretrained(tmp_path / "hf")
+    result = invoke(import_hf.main, tmp_path / "hf", tmp_path / "gpt2")
+    assert result.exit_code == 0, result.output
+
+    smoke = run_script("test_smoke.py", tmp_path / "gpt2" / "model.json",
+                       tmp_path / "gpt2" / "model.safetensors",
+                       "--temperature", "0", "--num-tokens", "8", "--device", "cpu")
+    assert smoke.returncode == 0, smoke.stderr
+    tokens = tokenizer.encode("Every effort moves you")
+    with torch.no_grad():
+        for _ in range(8):  # greedy decoding with transformers' forward pass
+            tokens.append(theirs(torch.tensor([tokens])).logits[0, -1].argmax().item())
+    assert smoke.stdout == tokenizer.decode(tokens) + "\n"
+
+
+# --- a checkpoint of a run, exported with tokenizer and model card, pushed to the Hub ---
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A vocab-50257 model saved as a training run's checkpoint, exported through the
+    `best` link and pushed to the stand-in Hub by export_hf.py in a subprocess."""
+    root = tmp_path_factory.mktemp("published")
+    run_dir = root / "runs" / "tiny-run"
+    checkpoint = run_dir / "checkpoints" / "20251209Z143355-iteration-1234"
+    model = our_model(FULL_VOCAB, seed=4)
+    save_ours(checkpoint, FULL_VOCAB, model)
+    (run_dir / "model.json").write_text(json.dumps(FULL_VOCAB, indent=2))
+    train = {"dataset": "gpjt/fineweb-edu-gpt2-tokens", "min_train_tokens": -1, "start_train_token": 0,
+             "start_val_token": 50000000, "minibatch_size": 6, "validation_interval": 100,
+             "validation_batches": 100}
+    (run_dir / "train.json").write_text(json.dumps(train, indent=2))
+    (checkpoint / "meta.json").write_text(json.dumps({
+        "train_loss": 3.98761, "val_loss": 4.01234, "global_step": 1234, "is_best": True,
+        "tokens_seen": 7581696, "world_size": 8, "grad_norm": None,
+        "history": [{"global_step": 1234, "train_loss": 3.98761}],
+    }))
+    (run_dir / "checkpoints" / "best").symlink_to(checkpoint.name)
+
+    with HubUploadServer(token=TOKEN) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
+        result = run_script("export_hf.py", run_dir / "model.json",
+                            run_dir / "checkpoints" / "best" / "model.safetensors", root / "export",
+                            "--push-to-hub", "someone/tiny-gpt", "--private", env=env)
+    return {"result": result, "hub": hub, "export": root / "export", "model": model,
+            "train_json": (run_dir / "train.json").read_text()}
+
+
+def test_push_uploads_every_exported_file_byte_for_byte(published):
+    result, hub, export = published["result"], published["hub"], published["export"]
+    assert result.returncode == 0, result.stderr
+    assert "pushed to " + hub.url + "/someone/tiny-gpt/commit/" in result.stdout
+    assert TOKEN not in result.stdout + result.stderr
+    assert hub.authorizations == {f"Bearer {TOKEN}"}
+    repo = hub.repos["someone/tiny-gpt"]
+    assert repo["private"] is True
+    local = {path.name: path.read_bytes() for path in export.iterdir()}
+    assert set(local) >= {"config.json", "generation_config.json", "model.safetensors", "README.md",
+                          "vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json"}
+    assert repo["files"] == local
+
+
+def test_push_with_a_rejected_token_is_one_line(tmp_path):
+    cfg = TINY
+    config_path, weights_path = save_ours(tmp_path / "ours", cfg, our_model(cfg, seed=5))
+    with HubUploadServer(token=TOKEN) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_wrong_token_abcdef", "HF_HOME": str(tmp_path / "home")}
+        result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export",
+                            "--push-to-hub", "someone/tiny-gpt", env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("note: vocab_size 97"), result.stderr
+    assert "someone/tiny-gpt" in lines[1] and "401" in lines[1], lines[1]
+    assert "hf_wrong_token_abcdef" not in result.stdout + result.stderr
+    assert hub.repos == {}
+    assert (tmp_path / "export" / "model.safetensors").is_file()  # the export itself stands
+
+
+def test_model_card_carries_the_checkpoint_facts(published):
+    card = (published["export"] / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    exported = load_exported(published["export"])
+    for fact in ("# someone/tiny-gpt", f"| parameters | {exported.num_parameters():,} |",
+                 "| layers | 1 |", "| context length | 32 |", "| run | `tiny-run` |",
+                 "| checkpoint | `20251209Z143355-iteration-1234` |",  # the real name, not `best`
+                 "| global step | 1,234 |", "| tokens seen | 7,581,696 |",
+                 "| training loss | 3.9876 |", "| validation loss | 4.0123 |",
+                 "| world_size | 8 |", published["train_json"]):
+        assert fact in card, fact
+    assert "history" not in card and "grad_norm" not in card
+
+
+# A varied text set: scripts and emoji, whitespace runs of every kind, code, and the
+# end-of-text marker written literally, plus seeded random mixes of all of them.
+TEXTS = [
+    "Every effort moves you",
+    "naïve café, Zürich — 東京 🙂🚀 Ünïcödé ß ø Ω ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 مرحبا שלום नमस्ते",
+    "  leading and trailing spaces\t\n\n  ",
+    "a  b   c    d\n\n\n\ne\t\t\tf \u00a0g\u3000h\r\ni\u2028j   ",
+    "def f(x):\n    return {'k': [x ** 2, x // 3]}  # code\n\n\nclass A:\n\tpass\n",
+    "hello<|endoftext|>world <|endoftext|> <|endoftext|><|endoftext|>x<|endo",
+    "I'm you'll we'VE they'd 1234567890 3.14159 ¹²³ ½ ٣",
+    "e\u0301 n\u0303 \u200b\u200d\ufeff zero-width and combining",
+    "",
+]
+CHARACTERS = list("abcXYZ019 \t\n\r.,;:'\"!?()[]{}<>|-_=+*/\\@#$%^&~`") + [
+    "é", "ß", "東", "京", "🙂", "🚀", "\u00a0", "\u3000", "\u0301", "ك", "<|endoftext|>", "'s", "  ", "\n\n"]
+
+
+def varied_texts():
+    generator = random.Random(0)
+    mixes = ["".join(generator.choice(CHARACTERS) for _ in range(generator.randint(1, 40)))
+             for _ in range(300)]
+    return TEXTS + mixes
+
+
+def test_exported_tokenizer_encodes_exactly_like_ours(published, tmp_path):
+    export = published["export"]
+    slow_path = tmp_path / "without-tokenizer-json"  # what transformers does with vocab.json + merges.txt
+    shutil.copytree(export, slow_path)
+    (slow_path / "tokenizer.json").unlink()
+    texts = varied_texts()
+    expected = [tokenizer.encode(text) for text in texts]
+    for directory in (export, slow_path):
+        theirs = transformers.AutoTokenizer.from_pretrained(directory)
+        assert theirs.eos_token_id == tokenizer.END_OF_TEXT_ID
+        assert theirs(texts)["input_ids"] == expected
+        assert [theirs.decode(ids) for ids in expected] == texts
+    generation = transformers.GenerationConfig.from_pretrained(export)
+    assert generation.eos_token_id == tokenizer.END_OF_TEXT_ID
+
+
+def test_exported_model_continues_text_like_ours(published):
+    ours, theirs = published["model"], load_exported(published["export"])
+    assert max_logit_difference(ours, theirs, 50257, 32) < 1e-4
+    prompt = tokenizer.encode("Every effort moves you")
+    with torch.no_grad():
+        continued = theirs.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
+    assert continued[0, len(prompt):].tolist() == generate(ours, [prompt], 10)[0]
+
+
+# --- bad input: one line, and nothing written ---
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return save_ours(tmp_path / "ours", TINY, our_model(TINY, seed=6))
+
+
+def test_export_refuses_a_key_gpt2_cannot_express(tmp_path, tiny_checkpoint):
+    config_path, weights_path = tiny_checkpoint
+    config_path.write_text(json.dumps(dict(TINY, rope_theta=10000)))
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
+    assert_one_line_error(result, 1, str(config_path), "'rope_theta'")
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_weights_that_do_not_match_model_json(tmp_path, tiny_checkpoint):
+    config_path, weights_path = tiny_checkpoint
+    config_path.write_text(json.dumps(dict(TINY, n_layers=3)))
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
+    assert_one_line_error(result, 1, str(weights_path), "'trf_blocks.2.")
+    result = invoke(export_hf.main, config_path, tmp_path / "missing.safetensors", tmp_path / "export")
+    assert_one_line_error(result, 1, "missing.safetensors", "not found")
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_usage_mistakes(tmp_path, tiny_checkpoint):
+    config_path, weights_path = tiny_checkpoint
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export", "--private")
+    assert_one_line_error(result, 2, "--private", "--push-to-hub")
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export",
+                    "--push-to-hub", "not a repo id!")
+    assert_one_line_error(result, 2, "--push-to-hub", "not a repo id!")
+    assert not (tmp_path / "export").exists()  # refused before any work
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("keep me")
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
+    assert_one_line_error(result, 1, "config.json", "--overwrite")
+    assert (tmp_path / "export" / "config.json").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json"]
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "gpt2"
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    directory = tmp_path / "hf"
+    transformers_gpt2(seed=7, tied=False).save_pretrained(directory)
+    return directory
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def assert_import_refused(tmp_path, source, exit_code, *fragments):
+    result = invoke(import_hf.main, source, tmp_path / "out")
+    assert_one_line_error(result, exit_code, *fragments)
+    assert not (tmp_path / "out").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model_type", "llama"), ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
+    ("scale_attn_by_inverse_layer_idx", True), ("n_inner", 100),
+])
+def test_import_refuses_a_config_that_is_not_gpt2_shaped(tmp_path, hf_checkpoint, key, value):
+    edit_json(hf_checkpoint / "config.json", **{key: value})
+    assert_import_refused(tmp_path, hf_checkpoint, 1, "config.json", f"'{key}'")
+
+
+def test_import_refuses_missing_and_mis_shaped_tensors(tmp_path, hf_checkpoint):
+    weights_path = hf_checkpoint / "model.safetensors"
+    tensors = load_file(weights_path)
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, weights_path)
+    assert_import_refused(tmp_path, hf_checkpoint, 1, str(weights_path),
+                          "'transformer.h.1.mlp.c_fc.weight' is missing")
+
+    transformers_gpt2(seed=7, tied=False).save_pretrained(hf_checkpoint)
+    edit_json(hf_checkpoint / "config.json", n_positions=32)
+    assert_import_refused(tmp_path, hf_checkpoint, 1, "'transformer.wpe.weight'", "(16, 32)", "(32, 32)")
+
+    transformers_gpt2(seed=7, tied=False).save_pretrained(hf_checkpoint)
+    tensors = load_file(weights_path)
+    tensors["score.weight"] = torch.zeros(2, 32)  # e.g. a classification head
+    save_file(tensors, weights_path)
+    assert_import_refused(tmp_path, hf_checkpoint, 1, "unexpected tensor 'score.weight'")
+
+
+def test_import_usage_mistakes(tmp_path, hf_checkpoint):
+    assert_import_refused(tmp_path, tmp_path / "no" / "such" / "dir", 2, "no such directory")
+    assert_import_refused(tmp_path, hf_checkpoint / "config.json", 2, "is a file")
+    (hf_checkpoint / "model.safetensors").unlink()
+    assert_import_refused(tmp_path, hf_checkpoint, 1, "no model.safetensors or pytorch_model.bin")
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.json").write_text("keep me")
+    result = invoke(import_hf.main, hf_checkpoint, tmp_path / "out")
+    assert_one_line_error(result, 1, "model.json", "--overwrite")
+    assert (tmp_path / "out" / "model.json").read_text() == "keep me"
+
+
+def test_staged_output_leaves_nothing_behind_on_failure(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "model.json").write_text("old")
+    for output_dir in (tmp_path / "new", existing):
+        with pytest.raises(KeyboardInterrupt):
+            with hf_gpt2.staged_output(output_dir) as staging:
+                (staging / "model.json").write_text("half")
+                raise KeyboardInterrupt
+    assert not (tmp_path / "new").exists()
+    assert os.listdir(existing) == ["model.json"] and (existing / "model.json").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["existing"]
