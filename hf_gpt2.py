@@ -458,12 +458,15 @@ def staged_output(output_dir):
 
     Until then nothing exists under the final names, so a failure or Ctrl-C leaves
     output_dir as it was. A new output_dir appears in one rename; into an existing one
-    each file is moved with an atomic replace.
+    each file is moved with an atomic replace (same file system: the staging directory
+    is a sibling).
     """
-    output_dir = Path(output_dir)
-    stage_in = output_dir if output_dir.is_dir() else output_dir.parent
-    stage_in.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=stage_in))
+    output_dir = Path(output_dir).resolve()
+    # Staged beside output_dir, not in it: a leftover from a killed process must never
+    # end up inside an export (and so on the Hub with the next push).
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
+                                    dir=output_dir.parent))
     try:
         yield staging
         if not output_dir.exists():

@@ -10,6 +10,7 @@ our own checkpoints -- the way to put GPT-2's own numbers beside a run's.
 """
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _read_one_file(path):
             return load_file(str(path))
         # weights_only: a pickle from the internet must not run code.
         tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
+    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as error:
         raise hf_gpt2.HFFormatError(f"{path}: not a readable weights file ({hf_gpt2.first_line(error)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise hf_gpt2.HFFormatError(f"{path}: expected a dict of tensors (a state dict)")
@@ -76,8 +77,11 @@ def read_transformers_weights(directory, allow_pickle):
             for shard in shards:
                 tensors.update(_read_one_file(directory / shard))
             return tensors, directory / index
-    wanted = " or ".join(single for single, _ in formats)
-    raise hf_gpt2.HFFormatError(f"{directory}: no {wanted} found")
+    if allow_pickle:
+        raise hf_gpt2.HFFormatError(f"{directory}: no model.safetensors or pytorch_model.bin found")
+    raise hf_gpt2.HFFormatError(
+        f"{directory}: no model.safetensors found (only safetensors weights are taken from the Hub)"
+    )
 
 
 def resolve_source(hf_model):

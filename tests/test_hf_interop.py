@@ -11,6 +11,7 @@ test_smoke.py on an imported model.
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -423,11 +424,24 @@ def test_import_refuses_missing_and_mis_shaped_tensors(tmp_path, hf_checkpoint):
     assert_import_refused(tmp_path, hf_checkpoint, 1, "unexpected tensor 'score.weight'")
 
 
-def test_import_usage_mistakes(tmp_path, hf_checkpoint):
+class RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('pwned', 'w').close()",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # from torch, about our bad pickle
+def test_import_usage_mistakes(tmp_path, hf_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert_import_refused(tmp_path, tmp_path / "no" / "such" / "dir", 2, "no such directory")
     assert_import_refused(tmp_path, hf_checkpoint / "config.json", 2, "is a file")
     (hf_checkpoint / "model.safetensors").unlink()
     assert_import_refused(tmp_path, hf_checkpoint, 1, "no model.safetensors or pytorch_model.bin")
+    (hf_checkpoint / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle at all")
+    assert_import_refused(tmp_path, hf_checkpoint, 1, "pytorch_model.bin", "not a readable weights file")
+    # weights_only: a pickle that would run code on loading is refused, not executed
+    (hf_checkpoint / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode()))
+    assert_import_refused(tmp_path, hf_checkpoint, 1, "pytorch_model.bin", "not a readable weights file")
+    assert not (tmp_path / "pwned").exists()
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.json").write_text("keep me")
