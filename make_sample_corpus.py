@@ -109,9 +109,8 @@ def module_documents(path: Path, module_name: str) -> list[tuple[str, str]]:
     return pages
 
 
-def collect_documents() -> list[tuple[str, str]]:
-    """(source, text) for every document, in a fixed order."""
-    root = stdlib_directory()
+def collect_documents(root: Path) -> list[tuple[str, str]]:
+    """(source, text) for every document under `root` (and pydoc's topics), in a fixed order."""
     documents = []
 
     # The language reference and library topics that pydoc's help() shows.
@@ -125,7 +124,7 @@ def collect_documents() -> list[tuple[str, str]]:
     for path in _source_files(root, {".py"}):
         relative = path.relative_to(root).with_suffix("")
         parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
-        module_name = ".".join(parts)
+        module_name = ".".join(parts) or root.name
         for name, text in module_documents(path, module_name):
             documents.append((f"python-stdlib:{name}", text))
 
@@ -133,7 +132,14 @@ def collect_documents() -> list[tuple[str, str]]:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
         if _mostly_words(text):
             documents.append((f"python-stdlib-file:{path.relative_to(root).as_posix()}", text))
-    return [(source, text) for source, text in documents if text]
+    # Some text appears twice (a docstring copied between modules): keep the first.
+    seen = set()
+    unique = []
+    for source, text in documents:
+        if text and text not in seen:
+            seen.add(text)
+            unique.append((source, text))
+    return unique
 
 
 def corpus_rows(documents, megabytes):
@@ -187,8 +193,11 @@ def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
 @click.option("--documents-per-file", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--rows-per-group", type=click.IntRange(min=1), default=100, show_default=True,
               help="Parquet row-group size (FineWeb's files hold many row groups).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Where to look for modules and text files  [default: this "
+                                 "Python's standard library]")
 @click.option("--force", is_flag=True, help="Replace parquet files already in OUTPUT_DIR/sample/10BT.")
-def main(output_dir, megabytes, documents_per_file, rows_per_group, force):
+def main(output_dir, megabytes, documents_per_file, rows_per_group, source, force):
     """Write a FineWeb-shaped corpus of standard-library text to OUTPUT_DIR/sample/10BT/*.parquet."""
     folder = output_dir / SAMPLE_FOLDER
     if folder.exists() and not folder.is_dir():
@@ -197,9 +206,10 @@ def main(output_dir, megabytes, documents_per_file, rows_per_group, force):
     if existing and not force:
         raise click.ClickException(f"{folder} already holds {len(existing)} parquet file(s); "
                                    f"pass --force to replace them")
-    documents = collect_documents()
+    source = source or stdlib_directory()
+    documents = collect_documents(source)
     if not documents:
-        raise click.ClickException(f"found no documentation text under {stdlib_directory()}")
+        raise click.ClickException(f"found no documentation text under {source}")
     folder.mkdir(parents=True, exist_ok=True)
     for path in existing:
         path.unlink()
@@ -209,7 +219,7 @@ def main(output_dir, megabytes, documents_per_file, rows_per_group, force):
     total_bytes = sum(size for _, _, size in written)
     print(f"{folder}: {len(written)} parquet file(s), {total_documents:,} documents, "
           f"{total_bytes / 1e6:,.1f} MB of text from {len(documents):,} distinct documents "
-          f"of {stdlib_directory()}")
+          f"of {source}")
 
 
 if __name__ == "__main__":

@@ -309,6 +309,9 @@ def main(input_dataset_dir, output_dataset_dir, files_pattern, text_column, work
     train_documents = train_document_count(total_documents)
     print(f"{len(files)} parquet file(s), {total_documents:,} documents: {train_documents:,} for "
           f"train, {total_documents - train_documents:,} for validation; {workers} worker(s)")
+    if train_documents == total_documents:
+        click.echo(f"Warning: the validation split is empty: 99% of {total_documents} documents "
+                   f"rounds to all of them", err=True)
 
     created_output_dir = not output_dataset_dir.exists()
     output_dataset_dir.mkdir(parents=True, exist_ok=True)
