@@ -1,0 +1,496 @@
+"""Pre-train a GPT-style model with PyTorch DistributedDataParallel.
+
+    torchrun --nnodes=1 --nproc_per_node=N ddp_train.py RUN DATASETS_DIR [CHECKPOINT]
+    uv run python ddp_train.py RUN DATASETS_DIR [CHECKPOINT]      # one process
+
+RUN is a directory under runs/ (or a path to one) holding model.json and train.json.
+DATASETS_DIR is where the dataset named in train.json is downloaded to, or found.
+CHECKPOINT resumes a run: `latest`, `best` or a directory name under
+runs/RUN/checkpoints/.
+
+What one global step is. Rank r of W ranks, in micro-step m of A
+(gradient_accumulation_steps), trains on train batch (step * A + m) * W + r; with
+A = 1 that is the original scripts' step * W + r. Gradients are averaged over all
+W * A micro-batches before AdamW steps once. Every validation_interval steps, and
+at the last one, all ranks compute the validation loss together and global rank 0
+writes a checkpoint (see checkpointing.py) and redraws the loss chart.
+
+Devices: CUDA with NCCL (one process per GPU, LOCAL_RANK picks it), CPU with gloo
+(any number of processes), Apple MPS in one process.
+"""
+
+import contextlib
+import datetime
+import inspect
+import math
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import checkpointing
+import devices
+from chart import CHART_FILE, draw_loss_chart
+from config import ConfigError, TrainConfig, load_model_config, load_train_config
+from gpt import GPTModel
+from token_data import DatasetError, load_dataset, resolve_dataset_dir
+
+# Newer torch renamed DDP's broadcast_buffers to forward_sync_buffers (which still syncs
+# once at start-up, harmless for constant buffers).
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+RUNS_DIR = Path(__file__).resolve().parent / "runs"
+PROGRESS_REFRESH_SECONDS = 1.0   # how often rank 0 reads the loss off the device for the bar
+
+
+# --- who we are: torchrun's environment ---
+
+@dataclass
+class Ranks:
+    rank: int = 0                 # global rank
+    local_rank: int = 0           # rank on this node; picks the GPU
+    world_size: int = 1
+    node: int = 0                 # torchrun's GROUP_RANK: which node this is
+    launched_by_torchrun: bool = False
+    setup_group: object = None    # gloo group for set-up waits and object exchanges
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.launched_by_torchrun
+
+
+def read_ranks() -> Ranks:
+    """Ranks from the variables torchrun sets; a plain `python ddp_train.py` is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Ranks()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    node = int(os.environ.get("GROUP_RANK", rank // max(1, local_world_size)))
+    return Ranks(rank, local_rank, int(os.environ["WORLD_SIZE"]), node, True)
+
+
+def choose_device(name: str | None, ranks: Ranks) -> torch.device:
+    try:
+        device = devices.resolve_device(name)
+    except (ValueError, RuntimeError) as error:
+        raise click.ClickException(f"--device: {error}") from None
+    if device.type == "cuda":
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local_world_size > torch.cuda.device_count():
+            raise click.ClickException(
+                f"{local_world_size} processes per node but only {torch.cuda.device_count()} "
+                f"CUDA device(s) visible: use --nproc_per_node={torch.cuda.device_count()} or fewer"
+            )
+        device = torch.device("cuda", ranks.local_rank)
+    if device.type == "mps" and ranks.world_size > 1:
+        raise click.ClickException("MPS trains in a single process: use --nproc_per_node=1, or --device cpu")
+    return device
+
+
+def start_process_group(ranks: Ranks, device: torch.device) -> None:
+    if not ranks.distributed:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=devices.distributed_backend(device),
+                            device_id=device if device.type == "cuda" else None)
+    # Set-up waits (one rank per node downloading the dataset while the others wait)
+    # can outlast NCCL's collective timeout by far, so they go through a gloo group
+    # with a long one; it also carries the small Python objects we exchange.
+    ranks.setup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+
+def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    if ranks.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# --- inputs: run directory, configs, checkpoint to resume, dataset ---
+
+def find_run_dir(run: str) -> Path:
+    """runs/RUN, as the original; or RUN itself when it is a path to a run directory."""
+    candidates = [Path(run)] if os.sep in run or run.startswith(".") else [RUNS_DIR / run, Path(run)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise click.ClickException(
+        f"no run directory {candidates[0]} (a run is a directory holding model.json and train.json)")
+
+
+def find_checkpoint_to_resume(checkpoints_dir: Path, name: str | None):
+    """The checkpoint to resume from; None for a fresh run, which must not clobber an old one."""
+    if name is not None:
+        return checkpointing.resolve_checkpoint(checkpoints_dir, name)
+    existing = checkpointing.list_checkpoints(checkpoints_dir)
+    if existing:
+        raise click.ClickException(
+            f"{checkpoints_dir} already holds {len(existing)} checkpoint(s), newest "
+            f"{existing[-1].name}: pass `latest` (or another checkpoint) to resume, or move "
+            f"that directory away to start this run again"
+        )
+    return None
+
+
+def check_resumable(meta: dict, meta_path: Path, ranks: Ranks, train_config: TrainConfig) -> None:
+    """Refuse to resume with a data layout that would skip or repeat training batches."""
+    for key, ours in (("world_size", ranks.world_size),
+                      ("gradient_accumulation_steps", train_config.gradient_accumulation_steps),
+                      ("minibatch_size", train_config.minibatch_size)):
+        theirs = meta.get(key)  # absent from checkpoints written by the original scripts
+        if theirs is not None and theirs != ours:
+            raise checkpointing.CheckpointError(
+                f"{meta_path}: written with {key} {theirs}, this run has {ours}; resuming would "
+                f"skip or repeat training batches, so resume with the same {key}"
+            )
+
+
+def dataset_dir_on_this_node(dataset: str, datasets_dir: Path, ranks: Ranks) -> Path:
+    """Each node's local rank 0 fetches (or finds) the dataset; the node's other ranks
+    wait for it and then use the same files."""
+    if not ranks.distributed:
+        return resolve_dataset_dir(dataset, datasets_dir)
+    found = failure = None
+    if ranks.local_rank == 0:
+        try:
+            found = str(resolve_dataset_dir(dataset, datasets_dir))
+        except DatasetError as error:
+            failure = error.message
+    everyone = [None] * ranks.world_size
+    dist.all_gather_object(everyone, (ranks.node, ranks.local_rank, found, failure),
+                           group=ranks.setup_group)
+    for _, _, _, failure in everyone:
+        if failure is not None:
+            raise DatasetError(failure)
+    return Path(next(path for node, local_rank, path, _ in everyone
+                     if node == ranks.node and local_rank == 0))
+
+
+# --- the pieces of a training step ---
+
+def batch_loss(model, inputs, targets) -> torch.Tensor:
+    """Mean cross-entropy over every position of the batch, as the original."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def to_device(batch, device: torch.device):
+    inputs, targets = batch
+    if device.type == "cuda":
+        # Page-locked host memory lets the copy run asynchronously, overlapping the
+        # previous step's kernels instead of stalling the host.
+        return (inputs.pin_memory().to(device, non_blocking=True),
+                targets.pin_memory().to(device, non_blocking=True))
+    return inputs.to(device), targets.to(device)
+
+
+def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine decay to min_learning_rate
+    at the last step. The defaults give the original scripts' constant 0.0004."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    decay_steps = max(1, total_steps - 1 - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (
+        1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device):
+    # One parameter group with weight decay on everything, as the original (its
+    # optimizer.pt files load into this one). Fused kernels on CUDA.
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                             weight_decay=config.weight_decay,
+                             fused=True if device.type == "cuda" else None)
+
+
+def load_optimizer_state(optimizer, saved: dict, path: Path) -> None:
+    """Load saved AdamW moments, keeping train.json's hyperparameters (and our kernel
+    choice): torch would otherwise take every group setting from the file."""
+    groups = saved.get("param_groups", [])
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if [len(group.get("params", [])) for group in groups] != sizes:
+        raise checkpointing.CheckpointError(
+            f"{path}: optimizer state is for parameter groups of sizes "
+            f"{[len(group.get('params', [])) for group in groups]}, this model has {sizes}")
+    merged = [{**{key: value for key, value in ours.items() if key != "params"},
+               "params": theirs["params"]}
+              for ours, theirs in zip(optimizer.param_groups, groups)]
+    try:
+        optimizer.load_state_dict({"state": saved["state"], "param_groups": merged})
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise checkpointing.CheckpointError(f"{path}: optimizer state does not fit ({error})") from None
+
+
+@torch.inference_mode()
+def validation_loss(model, val_batches, ranks: Ranks, device, autocast) -> float:
+    """Mean loss over validation batches 0..n-1, the original's number, with each rank
+    computing a share (batches rank, rank + W, ...) and one all-reduce joining them."""
+    model.eval()
+    losses = torch.zeros(len(val_batches), device=device)
+    for index in range(ranks.rank, len(val_batches), ranks.world_size):
+        inputs, targets = to_device(val_batches[index], device)
+        with autocast:
+            losses[index] = batch_loss(model, inputs, targets)
+    all_reduce_sum(losses, ranks)  # each entry is non-zero on one rank only: sums are exact
+    model.train()
+    # Added up in batch order in Python floats, as the original did batch by batch.
+    return sum(losses.tolist()) / len(val_batches)
+
+
+def rng_states(ranks: Ranks, device: torch.device) -> dict | None:
+    """Every rank's generator states, gathered on global rank 0 (None elsewhere)."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        mine["mps"] = torch.mps.get_rng_state()
+    everyone = [mine]
+    if ranks.distributed:
+        everyone = [None] * ranks.world_size if ranks.is_main else None
+        dist.gather_object(mine, everyone, dst=0, group=ranks.setup_group)
+    if not ranks.is_main:
+        return None
+    return {"world_size": ranks.world_size, **{kind: [state[kind] for state in everyone] for kind in mine}}
+
+
+def restore_rng_states(saved: dict, ranks: Ranks, device: torch.device) -> None:
+    torch.set_rng_state(saved["cpu"][ranks.rank])
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"][ranks.rank], device)
+    elif device.type == "mps" and "mps" in saved:
+        torch.mps.set_rng_state(saved["mps"][ranks.rank])
+
+
+# --- the command ---
+
+@click.command()
+@click.argument("run")
+@click.argument("datasets_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False)
+@click.option("--device", "device_name", type=click.Choice(["cuda", "mps", "cpu"]), default=None,
+              help="Where to train (default: cuda if available, else mps, else cpu).")
+def main(run, datasets_dir, checkpoint, device_name):
+    """Train the model of runs/RUN on the dataset in its train.json (see the README)."""
+    ranks = read_ranks()
+    try:
+        train(run, datasets_dir, checkpoint, device_name, ranks)
+    except click.ClickException as error:
+        # Every rank hits the same user mistake; one line per node is enough.
+        if ranks.local_rank != 0:
+            raise SystemExit(error.exit_code) from None
+        raise
+    except KeyboardInterrupt:
+        if ranks.local_rank == 0:
+            print("\ninterrupted: resume from the newest checkpoint with "
+                  f"`ddp_train.py {run} {datasets_dir} latest`", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
+    # Everything a user can get wrong is checked before anything is written.
+    run_dir = find_run_dir(run)
+    model_config = load_model_config(run_dir / "model.json")
+    train_config = load_train_config(run_dir / "train.json")
+    checkpoints_dir = run_dir / "checkpoints"
+    resume_from = find_checkpoint_to_resume(checkpoints_dir, checkpoint_name)
+    if resume_from is not None:
+        check_resumable(resume_from.meta, resume_from.path / checkpointing.META_FILE, ranks,
+                        train_config)
+    device = choose_device(device_name, ranks)
+    dtype_name = train_config.dtype or devices.default_dtype_name(device)
+    if dtype_name == "bf16" and not devices.supports_bf16(device):
+        raise ConfigError(f"{run_dir / 'train.json'}: key 'dtype' is \"bf16\", which {device} "
+                          f"does not support; use \"fp16\" or \"fp32\"")
+
+    start_process_group(ranks, device)
+    world_size, accumulation = ranks.world_size, train_config.gradient_accumulation_steps
+    minibatch_size, context_length = train_config.minibatch_size, model_config["context_length"]
+
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    dataset_dir = dataset_dir_on_this_node(train_config.dataset, datasets_dir, ranks)
+    # A global batch is world_size * accumulation micro-batches: the data arithmetic
+    # (and min_train_tokens' rounding) counts in those.
+    train_batches = load_dataset(dataset_dir, "train", train_config.min_train_tokens,
+                                 train_config.start_train_token, world_size * accumulation,
+                                 minibatch_size, context_length)
+    val_batches = load_dataset(dataset_dir, "validation",
+                               train_config.validation_batches * minibatch_size * context_length,
+                               train_config.start_val_token, 1, minibatch_size, context_length)
+    total_steps = len(train_batches) // (world_size * accumulation)
+    tokens_per_step = world_size * accumulation * minibatch_size * context_length
+
+    # Same initial weights on every rank (DDP broadcasts rank 0's anyway), then each
+    # rank its own stream for dropout. Without a seed in train.json, a fresh one.
+    seed = train_config.seed if train_config.seed is not None else secrets.randbits(62)
+    torch.manual_seed(seed)
+    model = GPTModel(model_config)
+    start_step, best_loss, history, resume_state = 0, math.inf, [], None
+    if resume_from is not None:
+        checkpointing.load_weights_into(model, resume_from.path / checkpointing.MODEL_FILE)
+        resume_state = checkpointing.read_resume_state(resume_from)
+        start_step = resume_from.global_step + 1
+        best_loss = checkpointing.best_val_loss(checkpoints_dir)
+        history = resume_from.meta.get("history")
+        if not isinstance(history, list):  # written by the original scripts
+            history = checkpointing.loss_history(checkpoints_dir, up_to_step=resume_from.global_step)
+    model.to(device)
+    torch.manual_seed(seed + ranks.rank)
+
+    optimizer = build_optimizer(model, train_config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16")
+    if resume_state is not None:
+        load_optimizer_state(optimizer, resume_state.optimizer_state,
+                             resume_from.path / checkpointing.OPTIMIZER_FILE)
+        if scaler.is_enabled() and resume_state.scaler_state:
+            scaler.load_state_dict(resume_state.scaler_state)
+        if resume_state.rng_state is not None and resume_state.rng_state.get("world_size") == world_size:
+            restore_rng_states(resume_state.rng_state, ranks, device)
+        else:
+            # The original scripts saved no generator states: dropout masks from here on
+            # can't match an uninterrupted run, but stay distinct per rank and per resume.
+            torch.manual_seed(seed + ranks.rank + 1_000_003 * start_step)
+            if ranks.is_main:
+                print(f"note: {resume_from.name} holds no random-number generator states for "
+                      f"{world_size} rank(s); training goes on with freshly seeded ones")
+
+    compiled = torch.compile(model) if train_config.compile else model
+    # The causal-mask buffers never change: broadcasting them every step would only
+    # cost bandwidth.
+    trained = (DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                                       **NO_BUFFER_SYNC)
+               if ranks.distributed else compiled)
+    autocast = devices.autocast(device, dtype_name)
+
+    if ranks.is_main:
+        checkpointing.remove_leftovers(checkpoints_dir)
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"{run_dir}: {parameters:,} parameters, {dtype_name} on {world_size} x {device.type}; "
+              f"dataset {dataset_dir}: {total_steps:,} global steps of {tokens_per_step:,} tokens"
+              + (f"; resuming from {resume_from.name} at step {start_step:,}" if resume_from else ""))
+    if start_step >= total_steps:
+        if ranks.is_main:
+            print(f"nothing to train: {resume_from.name} is at the last of the dataset's "
+                  f"{total_steps:,} global steps")
+        _finish(ranks)
+        return
+
+    # --- the loop ---
+    # Losses stay on the device; the host reads them only for the progress bar (about
+    # once a second, rank 0 only) and at checkpoints, so no step waits on the GPU.
+    loss_sum = torch.zeros((), device=device)
+    micro_steps_summed = 0
+    grad_norm = None
+    last = {"time": time.monotonic(), "step": start_step, "loss_sum": 0.0, "micro_steps": 0}
+    summary = {}
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not ranks.is_main)
+    started = time.monotonic()
+    for step in range(start_step, total_steps):
+        learning_rate = learning_rate_at(step, total_steps, train_config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        for micro_step in range(accumulation):
+            batch_index = (step * accumulation + micro_step) * world_size + ranks.rank
+            inputs, targets = to_device(train_batches[batch_index], device)
+            # Gradients are all-reduced on the last micro-step only.
+            final_micro_step = micro_step == accumulation - 1
+            sync = contextlib.nullcontext() if final_micro_step or not ranks.distributed else trained.no_sync()
+            with sync:
+                with autocast:
+                    loss = batch_loss(trained, inputs, targets)
+                scaler.scale(loss / accumulation).backward()
+            loss_sum += loss.detach()
+            micro_steps_summed += 1
+        if train_config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        progress.update(1)
+        now = time.monotonic()
+        if ranks.is_main and now - last["time"] >= PROGRESS_REFRESH_SECONDS:
+            loss_total = loss_sum.item()
+            recent_loss = (loss_total - last["loss_sum"]) / max(1, micro_steps_summed - last["micro_steps"])
+            tokens_per_second = (step + 1 - last["step"]) * tokens_per_step / (now - last["time"])
+            progress.set_postfix(progress_fields(recent_loss, learning_rate, tokens_per_second, grad_norm),
+                                 refresh=False)
+            last.update(time=now, step=step + 1, loss_sum=loss_total, micro_steps=micro_steps_summed)
+
+        if step % train_config.validation_interval == 0 or step == total_steps - 1:
+            val_loss = validation_loss(compiled, val_batches, ranks, device, autocast)
+            train_loss = all_reduce_sum(loss_sum.clone(), ranks).item() / (micro_steps_summed * world_size)
+            is_best = val_loss < best_loss
+            best_loss = min(best_loss, val_loss)
+            history.append({"global_step": step, "train_loss": train_loss, "val_loss": val_loss,
+                            "is_best": is_best})
+            states = rng_states(ranks, device)
+            if ranks.is_main:
+                meta = {
+                    "train_loss": train_loss, "val_loss": val_loss, "global_step": step,
+                    "is_best": is_best, "tokens_seen": (step + 1) * tokens_per_step,
+                    "learning_rate": learning_rate,
+                    "grad_norm": None if grad_norm is None else grad_norm.item(),
+                    "world_size": world_size, "gradient_accumulation_steps": accumulation,
+                    "minibatch_size": minibatch_size, "context_length": context_length,
+                    "dtype": dtype_name, "seed": seed, "history": history,
+                }
+                saved = checkpointing.save_checkpoint(
+                    checkpoints_dir, model_state=model.state_dict(),
+                    optimizer_state=optimizer.state_dict(), scaler_state=scaler.state_dict(),
+                    rng_state=states, meta=meta, keep=train_config.keep_checkpoints)
+                best_step = max((p["global_step"] for p in history if p["is_best"]), default=None)
+                draw_loss_chart(history, best_step, run_dir / CHART_FILE)
+                progress.write(f"step {step:,}: train loss {train_loss:.4f}, validation loss "
+                               f"{val_loss:.4f}{' (best)' if is_best else ''} -> {saved.name}")
+            summary = {"train_loss": train_loss, "val_loss": val_loss}
+            loss_sum.zero_()
+            micro_steps_summed = 0
+            last.update(loss_sum=0.0, micro_steps=0)
+    progress.close()
+
+    elapsed = time.monotonic() - started
+    if ranks.is_main:
+        tokens = (total_steps - start_step) * tokens_per_step
+        print(f"Training finished in {datetime.timedelta(seconds=round(elapsed))} "
+              f"(global steps {start_step:,} to {total_steps - 1:,})")
+        print(f"Tokens seen: {tokens:,} this session, {total_steps * tokens_per_step:,} in all")
+        print(f"Throughput: {tokens / elapsed:,.0f} tokens/s")
+        print(f"Final train loss: {summary['train_loss']:.4f}, validation loss: {summary['val_loss']:.4f}"
+              f" (best validation loss {best_loss:.4f})")
+    _finish(ranks)
+
+
+def progress_fields(loss: float, learning_rate: float, tokens_per_second: float, grad_norm) -> dict:
+    fields = {"loss": f"{loss:.4f}", "lr": f"{learning_rate:.2e}", "tok/s": f"{tokens_per_second:,.0f}"}
+    if grad_norm is not None:
+        fields["grad norm"] = f"{grad_norm.item():.3f}"
+    return fields
+
+
+def _finish(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier(group=ranks.setup_group)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
