@@ -1,0 +1,379 @@
+# Copyright 2023-2025 Sebastian Raschka (the instruction fine-tuning recipe, from chapter 7 of
+# "Build a Large Language Model (From Scratch)"); this implementation: the
+# ddp-base-model-from-scratch authors.
+# SPDX-License-Identifier: Apache-2.0
+"""Instruction-following test: fine-tune a checkpoint on instructions, answer held-out ones, judge.
+
+    uv run python test_ift.py MODEL_CONFIG_PATH MODEL_SAFETENSORS_PATH
+
+As the seed: fine-tune on 85% of instruction-data.json (downloaded when missing) until
+the validation loss rises, restoring the best epoch's weights; answer the 10% test
+records greedily; have an LLM judge (OpenAI's Responses API, model gpt-5.1) score each
+answer from 0 to 100; print three examples and the average score. Every record is
+saved to a results file, which `--responses FILE` can judge again later.
+"""
+
+import itertools
+import json
+import math
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import instruction_data
+import judge
+import tokenizer
+from checkpointing import load_model
+from devices import autocast, resolve_device
+from gpt import generate
+
+VALIDATION_BATCHES = 5  # the seed's validation loss: the first five batches
+EXAMPLES_SHOWN = 3
+
+
+# --- fine-tuning ---
+
+def batch_loss(model, inputs, targets, device, dtype_name):
+    inputs, targets = inputs.to(device), targets.to(device)
+    with autocast(device, dtype_name):
+        logits = model(inputs)
+    # Targets of instruction_data.IGNORE_INDEX (padding) are cross_entropy's ignore_index.
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.inference_mode()
+def validation_loss(model, loader, device, dtype_name, num_batches=VALIDATION_BATCHES):
+    model.eval()  # no dropout while measuring
+    losses = [batch_loss(model, inputs, targets, device, dtype_name)
+              for inputs, targets in itertools.islice(loader, num_batches)]
+    return torch.stack(losses).mean().item()
+
+
+def train_one_epoch(model, optimizer, scaler, loader, device, dtype_name, epoch):
+    model.train()  # dropout on, as the model was pre-trained
+    total = torch.zeros((), device=device)
+    for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
+        loss = batch_loss(model, inputs, targets, device, dtype_name)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler only scales in fp16; a no-op otherwise
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.detach()
+    return total.item() / len(loader)
+
+
+def fine_tune(model, optimizer, train_loader, validation_loader, device, dtype_name,
+              max_epochs=None, on_epoch=None):
+    """Train epoch by epoch while the validation loss falls; end with the best epoch's weights.
+
+    on_epoch(epoch, train_loss, validation_loss) is called after every epoch. Returns
+    (best_epoch, epochs_run, history) with history a list of (train_loss, validation_loss).
+    """
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16")
+    best_loss, best_epoch, best_weights = math.inf, 0, None
+    history = []
+    for epoch in itertools.count(1):
+        if max_epochs is not None and epoch > max_epochs:
+            break
+        train_loss = train_one_epoch(model, optimizer, scaler, train_loader, device, dtype_name, epoch)
+        val_loss = validation_loss(model, validation_loader, device, dtype_name)
+        history.append((train_loss, val_loss))
+        if on_epoch is not None:
+            on_epoch(epoch, train_loss, val_loss)
+        if not val_loss < best_loss:  # it rose (or stalled): this epoch made things worse
+            break
+        best_loss, best_epoch = val_loss, epoch
+        # A copy, not model.state_dict() itself: that holds the live tensors, which the
+        # next optimizer step would change under us. Kept on the CPU to spare device memory.
+        best_weights = {name: tensor.detach().to("cpu", copy=True)
+                        for name, tensor in model.state_dict().items()}
+    if best_weights is not None and best_epoch != len(history):
+        model.load_state_dict(best_weights)
+    return best_epoch, len(history), history
+
+
+# --- answering the test instructions ---
+
+def generate_responses(model, prompts, max_new_tokens, batch_size, device, dtype_name):
+    """The model's greedy answer to each prompt, cleaned up as the seed does.
+
+    Prompts are batched by length (less left-padding); gpt.generate makes each answer
+    the same as decoding its prompt alone. Answers come back in prompt order.
+    """
+    model.eval()
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    by_length = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
+    responses = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc="generating", unit="response") as progress:
+        for start in range(0, len(by_length), batch_size):
+            batch = by_length[start:start + batch_size]
+            with autocast(device, dtype_name):
+                new_tokens = generate(model, [encoded[index] for index in batch], max_new_tokens,
+                                      eos_id=tokenizer.END_OF_TEXT_ID)
+            for index, tokens in zip(batch, new_tokens):
+                text = tokenizer.decode(encoded[index] + tokens)
+                responses[index] = instruction_data.extract_response(text, prompts[index])
+            progress.update(len(batch))
+    return responses
+
+
+# --- the results file ---
+
+def write_results(path, results):
+    """Write to a temporary file, then rename: an interrupted write never leaves half a file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(results, file, indent=2, ensure_ascii=False)
+            file.write("\n")
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path):
+    """A results file written by this script, checked enough to judge its records again."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise click.ClickException(f"{path}: not a readable JSON file ({error})") from None
+    records = results.get("records") if isinstance(results, dict) else None
+    if not isinstance(records, list) or not records:
+        raise click.ClickException(f"{path}: not a test_ift.py results file (no 'records' list)")
+    for index, record in enumerate(records):
+        for key in ("prompt", "reference", "response"):
+            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                raise click.ClickException(f"{path}: record {index} has no text under '{key}'")
+    return results
+
+
+def summarise(results):
+    scores = [record["score"] for record in results["records"] if record.get("score") is not None]
+    results["number_of_scores"] = len(scores)
+    results["average_score"] = sum(scores) / len(scores) if scores else None
+
+
+# --- judging ---
+
+def check_judge(settings):
+    """Fail now, not after fine-tuning, if the judge can't be reached or refuses the key."""
+    models = judge.check(settings)
+    if models is not None and settings.model not in models:
+        listed = ", ".join(models[:10]) + (", ..." if len(models) > 10 else "")
+        click.echo(f"Warning: the judge at {settings.where} doesn't list model "
+                   f"'{settings.model}' (it lists: {listed or 'nothing'})", err=True)
+
+
+def judge_records(settings, results, results_path):
+    """Score every record; the results file is rewritten however judging ends."""
+    records = results["records"]
+    results["judge"] = {"api": settings.api, "model": settings.model, "base_url": settings.base_url}
+    for record in records:
+        record.update(score=None, judge_reply=None, error="not judged")
+    prompts = [judge.judge_prompt(record["prompt"], record["reference"], record["response"])
+               for record in records]
+    progress = tqdm(total=len(records), desc="judging", unit="response")
+
+    def on_verdict(index, verdict):
+        records[index].update(score=verdict.score, judge_reply=verdict.reply, error=verdict.error)
+        progress.update()
+
+    try:
+        judge.score_all(settings, prompts, on_verdict)
+    finally:
+        progress.close()
+        summarise(results)
+        write_results(results_path, results)
+
+
+def print_examples(records, judged):
+    for record in records[:EXAMPLES_SHOWN]:
+        print("\nDataset response:")
+        print(">>", record["reference"])
+        print("\nModel response:")
+        print(">>", record["response"])
+        if judged:
+            print("\nScore:")
+            print(">>", record["score"] if record["score"] is not None
+                  else f"unscored ({record['error']})")
+        print("\n-------------------------")
+
+
+def print_scores(results, results_path):
+    records = results["records"]
+    print(f"Number of scores: {results['number_of_scores']} of {len(records)}")
+    average = results["average_score"]
+    print(f"Average score: {average:.2f}" if average is not None else "Average score: none")
+    unscored = [(index, record) for index, record in enumerate(records) if record["score"] is None]
+    for index, record in unscored[:10]:
+        print(f"  unscored: test record {index}: {record['error']}")
+    if len(unscored) > 10:
+        print(f"  ... and {len(unscored) - 10} more")
+    print(f"Results written to {results_path}")
+
+
+# --- the command ---
+
+@click.command()
+@click.argument("model_config_path", required=False, type=click.Path(dir_okay=False))
+@click.argument("model_safetensors_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", default="instruction-data.json", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="JSON list of {instruction, input, output} records; downloaded from --data-url "
+                   "when the file doesn't exist.")
+@click.option("--data-url", default=instruction_data.DATA_URL, show_default=True,
+              help="Where to download --data from when it is missing.")
+@click.option("--max-epochs", type=click.IntRange(min=0), default=None,
+              help="Stop after this many epochs even if the validation loss still falls "
+                   "(default: no limit, as the seed). 0 skips fine-tuning.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Fine-tuning batch size.")
+@click.option("--learning-rate", default=5e-5, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate.")
+@click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0),
+              help="AdamW weight decay.")
+@click.option("--seed", default=123, show_default=True, type=int,
+              help="Seeds the shuffling of the training records and dropout.")
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Precision for fine-tuning and generation (autocast).")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Longest answer generated.")
+@click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Test prompts answered at once (the answers don't depend on it).")
+@click.option("--results", default="ift-results.json", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="JSON file for every test record: prompt, reference, response, score or error.")
+@click.option("--responses", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Judge the responses in this results file again: no fine-tuning or generation.")
+@click.option("--no-judge", is_flag=True, help="Stop after writing the responses to --results.")
+@click.option("--judge-model", default=judge.DEFAULT_MODEL, show_default=True,
+              help="Model that scores the responses.")
+@click.option("--judge-api", type=click.Choice(judge.APIS), default="responses", show_default=True,
+              help="OpenAI's Responses API, or Chat Completions (what Ollama, vLLM and llama.cpp "
+                   "serve).")
+@click.option("--judge-base-url", envvar="OPENAI_BASE_URL", show_envvar=True, default=None,
+              help="An OpenAI-compatible server, e.g. http://localhost:11434/v1 "
+                   "(default: api.openai.com).")
+@click.option("--judge-concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Judge requests in flight at once.")
+@click.option("--judge-max-retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a request after a rate limit, server error or lost connection.")
+def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, batch_size,
+         learning_rate, weight_decay, seed, device, dtype, max_new_tokens, generation_batch_size,
+         results, responses, no_judge, judge_model, judge_api, judge_base_url, judge_concurrency,
+         judge_max_retries):
+    if responses and no_judge:
+        raise click.UsageError("--responses judges a results file again; --no-judge leaves "
+                               "nothing to do")
+    if responses and model_config_path:
+        raise click.UsageError("--responses judges a saved results file; it takes no "
+                               "MODEL_CONFIG_PATH or MODEL_SAFETENSORS_PATH")
+    if not responses and not model_safetensors_path:
+        raise click.UsageError("MODEL_CONFIG_PATH and MODEL_SAFETENSORS_PATH are required "
+                               "(only --responses FILE works without them)")
+    results_path = Path(results)
+    if not results_path.parent.is_dir():
+        raise click.BadParameter(f"directory {results_path.parent} does not exist",
+                                 param_hint="--results")
+    # Everything that can fail fast does, before the long work: the key first.
+    settings = None if no_judge else judge.settings_from_environment(
+        judge_model, judge_api, judge_base_url, judge_concurrency, judge_max_retries)
+
+    if responses:
+        saved = read_results(responses)
+        check_judge(settings)
+        judge_records(settings, saved, results_path)
+        print_examples(saved["records"], judged=True)
+        print_scores(saved, results_path)
+        return
+
+    try:
+        device = resolve_device(device)
+    except (ValueError, RuntimeError) as error:
+        raise click.BadParameter(str(error), param_hint="--device") from None
+    records = instruction_data.load_records(data, data_url)
+    train_records, test_records, validation_records = instruction_data.split_records(records)
+    if not test_records:
+        raise instruction_data.InstructionDataError(
+            f"{data}: {len(records)} records leave none for the test split (10%)")
+    fine_tuning = max_epochs != 0
+    if fine_tuning and (len(train_records) < batch_size or not validation_records):
+        raise instruction_data.InstructionDataError(
+            f"{data}: {len(records)} records split into {len(train_records)} for training and "
+            f"{len(validation_records)} for validation; fine-tuning needs at least one batch "
+            f"of {batch_size} and one validation record (or pass --max-epochs 0)")
+    if settings is not None:
+        check_judge(settings)
+
+    torch.manual_seed(seed)
+    model = load_model(model_config_path, model_safetensors_path, device)
+    summary = {"epochs_run": 0, "best_epoch": 0, "history": []}
+    if fine_tuning:
+        def encode_all(part):
+            return [tokenizer.encode(instruction_data.format_training_text(record)) for record in part]
+
+        collate = partial(instruction_data.collate, context_length=model.context_length)
+        train_loader = DataLoader(encode_all(train_records), batch_size=batch_size, shuffle=True,
+                                  drop_last=True, collate_fn=collate)
+        validation_loader = DataLoader(encode_all(validation_records), batch_size=batch_size,
+                                       shuffle=False, drop_last=False, collate_fn=collate)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        best_epoch, epochs_run, history = fine_tune(
+            model, optimizer, train_loader, validation_loader, device, dtype, max_epochs,
+            on_epoch=lambda epoch, train_loss, val_loss: print(
+                f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}",
+                flush=True))
+        best_loss = history[best_epoch - 1][1] if best_epoch else math.nan
+        if best_epoch == 0:
+            print(f"Validation loss was {history[0][1]} after epoch 1: no better epoch to go back to")
+        elif best_epoch != epochs_run:
+            print(f"Validation loss rose at epoch {epochs_run}: restored the weights of epoch "
+                  f"{best_epoch} (validation loss {best_loss:.3f})")
+        else:
+            print(f"Stopped after --max-epochs {max_epochs}, validation loss still falling "
+                  f"({best_loss:.3f})")
+        summary = {"epochs_run": epochs_run, "best_epoch": best_epoch,
+                   "history": [{"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss}
+                               for epoch, (train_loss, val_loss) in enumerate(history, 1)]}
+
+    prompts = [instruction_data.format_prompt(record) for record in test_records]
+    answers = generate_responses(model, prompts, max_new_tokens, generation_batch_size, device, dtype)
+    outcome = {
+        "model_config": str(model_config_path),
+        "weights": str(model_safetensors_path),
+        "data": str(data),
+        "fine_tuning": summary,
+        "judge": None,
+        "number_of_scores": None,
+        "average_score": None,
+        "records": [
+            {"instruction": record["instruction"], "input": record["input"], "prompt": prompt,
+             "reference": record["output"], "response": answer,
+             "score": None, "judge_reply": None, "error": "not judged"}
+            for record, prompt, answer in zip(test_records, prompts, answers)
+        ],
+    }
+    write_results(results_path, outcome)  # the responses are safe before any judging starts
+    if settings is None:
+        print_examples(outcome["records"], judged=False)
+        print(f"Responses written to {results_path}; score them later with: "
+              f"uv run python test_ift.py --responses {results_path}")
+        return
+    judge_records(settings, outcome, results_path)
+    print_examples(outcome["records"], judged=True)
+    print_scores(outcome, results_path)
+
+
+if __name__ == "__main__":
+    main()

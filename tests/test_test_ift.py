@@ -1,0 +1,228 @@
+"""test_ift.py run as users run it: a subprocess on a tiny checkpoint, judged by a stand-in
+OpenAI-compatible server on 127.0.0.1 that the real openai client talks to over HTTP."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import test_ift
+import tokenizer
+from gpt import GPTModel, generate
+from servers.judge import JudgeServer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG = dict(vocab_size=50257, emb_dim=16, context_length=96, n_heads=2, n_layers=1,
+              drop_rate=0.1, qkv_bias=False)
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "pink", "grey"]
+PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\n")
+
+
+def run_ift(*args, **env):
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("OPENAI_")}
+    return subprocess.run([sys.executable, "test_ift.py", *map(str, args)], cwd=PROJECT_ROOT,
+                          env={**clean, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def instruction_records(count):
+    return [{"instruction": f"Name colour number {index}.",
+             "input": f"a hint: {COLOURS[index % 8]}" if index % 3 == 0 else "",
+             "output": f"The colour is {COLOURS[index % 8]}."} for index in range(count)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint")
+    torch.manual_seed(0)
+    (directory / "model.json").write_text(json.dumps(CONFIG))
+    save_file(GPTModel(CONFIG).state_dict(), directory / "model.safetensors")
+    return directory / "model.json", directory / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def judged_run(checkpoint, tmp_path_factory):
+    """One full run: fine-tune 2 epochs, generate, judge through the Responses API."""
+    directory = tmp_path_factory.mktemp("judged")
+    records = instruction_records(40)  # 34 train (4 batches of 8), 4 test, 2 validation
+    # The stand-in judge reads these tags in the reference output of each test record.
+    records[34]["output"] += " [judge reply:90]"
+    records[35]["output"] += " [judge http429 http500 reply:70]"   # retried until it answers
+    records[36]["output"] += " [judge reply:great reply:55]"       # malformed once, then fine
+    records[37]["output"] += " [judge reply:excellent]"            # malformed twice: unscored
+    data = directory / "instructions.json"
+    data.write_text(json.dumps(records))
+    results = directory / "results.json"
+    with JudgeServer(api_key="test-key", delay=0.2) as server:
+        result = run_ift(*checkpoint, "--data", data, "--max-epochs", 2, "--max-new-tokens", 8,
+                         "--judge-concurrency", 2, "--results", results, "--device", "cpu",
+                         OPENAI_API_KEY="test-key", OPENAI_BASE_URL=server.url)
+    return result, records, results, server
+
+
+def test_fine_tunes_generates_judges_and_reports(judged_run):
+    result, records, results_path, server = judged_run
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 1: train loss " in result.stdout and "Epoch 2: train loss " in result.stdout
+    assert result.stdout.count("Dataset response:") == 3
+    assert "Number of scores: 3 of 4\nAverage score: 71.67\n" in result.stdout
+    assert "'excellent'" in result.stdout  # the unscored record is reported
+
+    results = json.loads(results_path.read_text())
+    saved = results["records"]
+    assert [record["reference"] for record in saved] == [r["output"] for r in records[34:38]]
+    assert [record["score"] for record in saved] == [90, 70, 55, None]
+    assert "not an integer from 0 to 100" in saved[3]["error"]
+    assert saved[0]["prompt"] == PREAMBLE + "Name colour number 34."
+    assert saved[2]["prompt"] == PREAMBLE + "Name colour number 36.\n\n### Input\na hint: black"
+    assert results["number_of_scores"] == 3 and results["average_score"] == pytest.approx(71.667, abs=1e-3)
+    assert results["fine_tuning"]["epochs_run"] == 2
+
+    # Every request went to the Responses API with the seed's question and judge model.
+    expected_prompts = [
+        f"Given the input `{record['prompt']}` and correct output `{record['reference']}`, score "
+        f"the model response `{record['response']}` on a scale of 0 to 100, where 100 is the "
+        f"best score. Respond with the integer number only." for record in saved]
+    assert {path for path, _, _ in server.requests} == {"/v1/responses"}
+    assert {model for _, model, _ in server.requests} == {"gpt-5.1"}
+    # 429 and 500 retried, a malformed reply asked once more and no more.
+    assert [server.attempts[prompt] for prompt in expected_prompts] == [1, 3, 2, 2]
+    assert server.max_in_flight == 2  # concurrent, and bounded by --judge-concurrency
+
+
+def test_rejudge_saved_responses_through_chat_completions(judged_run, tmp_path):
+    """--responses FILE judges again with no model; a local server needs no API key."""
+    _, _, first_results, _ = judged_run
+    rejudged = tmp_path / "rejudged.json"
+    with JudgeServer(api_key=None, models=["local-judge"]) as server:
+        result = run_ift("--responses", first_results, "--judge-api", "chat",
+                         "--judge-model", "local-judge", "--judge-base-url", server.url,
+                         "--results", rejudged)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch" not in result.stdout and "generating" not in result.stderr
+    assert {(path, model) for path, model, _ in server.requests} == \
+        {("/v1/chat/completions", "local-judge")}
+    before = json.loads(first_results.read_text())["records"]
+    after = json.loads(rejudged.read_text())["records"]
+    assert [r["response"] for r in after] == [r["response"] for r in before]
+    assert [r["score"] for r in after] == [90, 70, 55, None]
+    assert "Number of scores: 3 of 4" in result.stdout
+
+
+def test_missing_api_key_is_reported_before_fine_tuning(checkpoint, tmp_path):
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps(instruction_records(20)))
+    results = tmp_path / "results.json"
+    result = run_ift(*checkpoint, "--data", data, "--results", results, "--device", "cpu")
+    one_line_error(result, "OPENAI_API_KEY is not set")
+    assert "Epoch" not in result.stdout and not results.exists()
+
+
+@pytest.fixture(scope="module")
+def stopping_checkpoint(tmp_path_factory):
+    """A checkpoint that sometimes says <|endoftext|>: it takes over one ordinary token's row."""
+    directory = tmp_path_factory.mktemp("eos")
+    records = instruction_records(60)
+    test_prompts = [test_ift.instruction_data.format_prompt(r) for r in records[51:57]]
+    torch.manual_seed(3)
+    model = GPTModel(CONFIG).eval()
+    first_answer = generate(model, [tokenizer.encode(test_prompts[0])], 10)[0]
+    with torch.no_grad():  # wherever the model would say this token, it now says end-of-text
+        model.out_head.weight[tokenizer.END_OF_TEXT_ID] = 1.05 * model.out_head.weight[first_answer[3]]
+    (directory / "model.json").write_text(json.dumps(CONFIG))
+    save_file(model.state_dict(), directory / "model.safetensors")
+    (directory / "instructions.json").write_text(json.dumps(records))
+    return directory, model, test_prompts
+
+
+def test_batched_generation_equals_one_at_a_time(stopping_checkpoint, tmp_path):
+    directory, model, prompts = stopping_checkpoint
+    results = tmp_path / "results.json"
+    result = run_ift(directory / "model.json", directory / "model.safetensors",
+                     "--data", directory / "instructions.json", "--max-epochs", 0, "--no-judge",
+                     "--generation-batch-size", 4, "--max-new-tokens", 10, "--results", results,
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "Responses written to" in result.stdout
+
+    alone = []
+    for prompt in prompts:
+        prompt_ids = tokenizer.encode(prompt)
+        new_ids = generate(model, [prompt_ids], 10, eos_id=tokenizer.END_OF_TEXT_ID)[0]
+        alone.append(new_ids)
+        text = tokenizer.decode(prompt_ids + new_ids)
+        alone[-1] = (len(new_ids), text[len(prompt):].replace("### Response:", "").strip())
+    # The case worth testing: some answers stop early, some run to the token limit.
+    assert {length < 10 for length, _ in alone} == {True, False}
+    saved = json.loads(results.read_text())["records"]
+    assert [record["response"] for record in saved] == [text for _, text in alone]
+    assert all(record["score"] is None for record in saved)
+
+
+# --- early stopping, in process: the tensors themselves ---
+
+SMALL = dict(vocab_size=100, emb_dim=16, context_length=32, n_heads=2, n_layers=1, drop_rate=0.0,
+             qkv_bias=False)
+
+
+def small_batches(count):
+    """Batches built by the real collate from random sequences of a 100-token vocabulary."""
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 99, (int(length),), generator=generator).tolist()
+                 for length in torch.randint(5, 30, (4 * count,), generator=generator)]
+    return [test_ift.instruction_data.collate(sequences[i:i + 4], 32, end_of_text_id=99)
+            for i in range(0, 4 * count, 4)]
+
+
+def test_early_stopping_restores_a_copy_of_the_best_epochs_weights():
+    """Validation loss falls for two epochs, then rises: the weights must go back to epoch 2."""
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    batches = small_batches(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    snapshots = {}
+
+    def on_epoch(epoch, train_loss, val_loss):
+        snapshots[epoch] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        if epoch == 2:  # from now on climb the loss instead of descending it
+            optimizer.param_groups[0]["maximize"] = True
+
+    best_epoch, epochs_run, history = test_ift.fine_tune(
+        model, optimizer, batches, batches, torch.device("cpu"), "fp32", on_epoch=on_epoch)
+    assert (best_epoch, epochs_run) == (2, 3)
+    assert history[1][1] < history[0][1] and history[2][1] > history[1][1]
+    restored = model.state_dict()
+    assert restored.keys() == snapshots[2].keys()
+    for name, tensor in restored.items():
+        assert torch.equal(tensor, snapshots[2][name]), name
+    changed = [name for name in restored if not torch.equal(restored[name], snapshots[3][name])]
+    assert "out_head.weight" in changed and "tok_emb.weight" in changed
+
+
+def test_early_stopping_keeps_the_last_epoch_when_max_epochs_comes_first():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    batches = small_batches(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    snapshots = {}
+    best_epoch, epochs_run, history = test_ift.fine_tune(
+        model, optimizer, batches, batches, torch.device("cpu"), "fp32", max_epochs=2,
+        on_epoch=lambda epoch, *_: snapshots.update({epoch: copy.deepcopy(model.state_dict())}))
+    assert (best_epoch, epochs_run) == (2, 2) and history[1][1] < history[0][1]
+    assert all(torch.equal(tensor, snapshots[2][name]) for name, tensor in model.state_dict().items())
