@@ -96,7 +96,8 @@ def download_sample(repo_id: str, local_dir: Path, pattern: str, max_workers: in
             worker.join(0.2)
     except KeyboardInterrupt:
         _remove_partial_downloads(local_dir)
-        click.echo(f"Interrupted: files already complete in {local_dir} are kept; run the same "
+        # A fresh line: huggingface_hub's progress bar is left mid-line.
+        click.echo(f"\nInterrupted: files already complete in {local_dir} are kept; run the same "
                    f"command again to fetch the rest", err=True)
         sys.stdout.flush()
         sys.stderr.flush()
