@@ -29,13 +29,22 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def download_from_hub(repo_id):
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(
             repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]
         ))
-    # The Hub client raises many exception types (not found, gated, offline, HTTP
-    # status) and changes them between releases; each ends here as one line.
+    except GatedRepoError:
+        raise click.ClickException(
+            f"{repo_id}: a gated repo on the Hugging Face Hub; accept its terms on the Hub, "
+            "then log in (`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise click.ClickException(
+            f"{repo_id}: no such model repo on the Hugging Face Hub (or it is private and "
+            "you are not logged in: `hf auth login` or HF_TOKEN)") from None
+    # Beyond those two the client raises many exception types (offline, HTTP status,
+    # disk) and changes them between releases; each ends here as one line.
     except Exception as error:
         raise click.ClickException(
             f"{repo_id}: download from the Hugging Face Hub failed: {hf_gpt2.first_line(error)}"

@@ -5,8 +5,8 @@ the round trips bit for bit, the tokenizer on a varied text set, and the push on
 real huggingface_hub client talking to tests/servers/hub_upload.py over HTTP.
 Most runs go through click's test runner in this process (importing torch in a fresh
 process costs seconds on this machine); real subprocesses run where the process
-boundary matters: the push (the client reads HF_ENDPOINT at import time) and
-test_smoke.py on an imported model.
+boundary matters: the Hub download and push (the client reads HF_ENDPOINT at import
+time).
 """
 
 import json
@@ -26,10 +26,12 @@ from safetensors.torch import load_file, save_file
 import export_hf
 import hf_gpt2
 import import_hf
+import test_smoke
 import tokenizer
 from checkpointing import load_model
 from gpt import GPTModel, generate
 import transformers  # the dev dependency group
+from servers.hub import HubServer
 from servers.hub_upload import HubUploadServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -144,10 +146,10 @@ def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias
 
 # --- import, then export back ---
 
-def save_openai_style(model, directory):
+def save_openai_style(model, directory, weights_file="pytorch_model.bin"):
     """The layout of OpenAI's GPT-2 on the Hub: the bare GPT2Model's names (no
-    `transformer.` prefix, no lm_head) with the old attention-mask buffers, as a pickle."""
-    directory.mkdir()
+    `transformer.` prefix, no lm_head) with the old attention-mask buffers."""
+    directory.mkdir(parents=True)
     model.config.save_pretrained(directory)
     state_dict = {name.removeprefix("transformer."): tensor.clone()
                   for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
@@ -155,7 +157,10 @@ def save_openai_style(model, directory):
     for i in range(model.config.n_layer):
         state_dict[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions))[None, None]
         state_dict[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    torch.save(state_dict, directory / "pytorch_model.bin")
+    if weights_file.endswith(".safetensors"):
+        save_file(state_dict, directory / weights_file)
+    else:
+        torch.save(state_dict, directory / weights_file)
 
 
 @pytest.mark.parametrize("layout", ["safetensors-tied", "safetensors-untied", "openai-pickle"])
@@ -189,19 +194,35 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
         assert torch.equal(back[name], tensor), name
 
 
-def test_imported_model_runs_in_test_smoke(tmp_path):
-    """test_smoke.py, unchanged, on what import_hf.py wrote continues the prompt exactly
-    as transformers does with the same weights."""
+def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_path):
+    """OpenAI's GPT-2 as the Hub serves it -- bare GPT2Model names with the old mask
+    buffers, a tied head, pickles beside the safetensors -- imported by import_hf.py from
+    the stand-in Hub (tests/servers/hub.py); test_smoke.py, unchanged, then continues the
+    prompt exactly as transformers does with the same weights."""
     theirs = transformers_gpt2(seed=3, tied=True, vocab_size=50257, n_positions=32, n_embd=16,
                                n_layer=1, n_head=2)
-    theirs.save_pretrained(tmp_path / "hf")
-    result = invoke(import_hf.main, tmp_path / "hf", tmp_path / "gpt2")
-    assert result.exit_code == 0, result.output
+    repo = tmp_path / "hub" / "models" / "openai-community" / "gpt2"
+    save_openai_style(theirs, repo, "model.safetensors")
+    (repo / "pytorch_model.bin").write_bytes(b"the pickle is never downloaded")
+    (repo / "README.md").write_text("GPT-2\n")
+    with HubServer(tmp_path / "hub") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
+        result = run_script("import_hf.py", "openai-community/gpt2", tmp_path / "gpt2", env=env)
+        not_found = run_script("import_hf.py", "openai-community/gpt-5", tmp_path / "gpt-5", env=env)
+    assert result.returncode == 0, result.stderr
+    assert hub.downloads_of("model.safetensors") == 1
+    assert hub.downloads_of("pytorch_model.bin") == hub.downloads_of("README.md") == 0
+    assert json.loads((tmp_path / "gpt2" / "model.json").read_text())["qkv_bias"] is True
+    assert not_found.returncode == 1 and not (tmp_path / "gpt-5").exists()
+    error_lines = [line for line in not_found.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, not_found.stderr
+    assert "openai-community/gpt-5: no such model repo" in error_lines[0]
+    assert "Traceback" not in not_found.stderr
 
-    smoke = run_script("test_smoke.py", tmp_path / "gpt2" / "model.json",
-                       tmp_path / "gpt2" / "model.safetensors",
-                       "--temperature", "0", "--num-tokens", "8", "--device", "cpu")
-    assert smoke.returncode == 0, smoke.stderr
+    smoke = invoke(test_smoke.main, tmp_path / "gpt2" / "model.json",
+                   tmp_path / "gpt2" / "model.safetensors",
+                   "--temperature", "0", "--num-tokens", "8", "--device", "cpu")
+    assert smoke.exit_code == 0, smoke.output
     tokens = tokenizer.encode("Every effort moves you")
     with torch.no_grad():
         for _ in range(8):  # greedy decoding with transformers' forward pass
