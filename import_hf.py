@@ -58,7 +58,8 @@ def _read_one_file(path):
         # weights_only: a pickle from the internet must not run code.
         tensors = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as error:
-        raise hf_gpt2.HFFormatError(f"{path}: not a readable weights file ({hf_gpt2.first_line(error)})") from None
+        raise hf_gpt2.HFFormatError(
+            f"{path}: not a readable weights file ({hf_gpt2.first_line(error)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise hf_gpt2.HFFormatError(f"{path}: expected a dict of tensors (a state dict)")
     return tensors
