@@ -31,7 +31,7 @@ import instruction_data
 import judge
 import tokenizer
 from checkpointing import load_model
-from devices import autocast, resolve_device
+from devices import autocast, resolve_device, supports_bf16
 from gpt import generate
 
 VALIDATION_BATCHES = 5  # the seed's validation loss: the first five batches
@@ -97,6 +97,34 @@ def fine_tune(model, optimizer, train_loader, validation_loader, device, dtype_n
     if best_weights is not None and best_epoch != len(history):
         model.load_state_dict(best_weights)
     return best_epoch, len(history), history
+
+
+def instruction_tune(model, train_records, validation_records, batch_size, learning_rate,
+                     weight_decay, max_epochs, device, dtype_name):
+    """The seed's fine-tuning run, reported as it goes; returns a summary for the results file."""
+    def loader(records, shuffle):
+        token_lists = [tokenizer.encode(instruction_data.format_training_text(record))
+                       for record in records]
+        return DataLoader(token_lists, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                          collate_fn=partial(instruction_data.collate,
+                                             context_length=model.context_length))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    best_epoch, epochs_run, history = fine_tune(
+        model, optimizer, loader(train_records, shuffle=True),
+        loader(validation_records, shuffle=False), device, dtype_name, max_epochs,
+        on_epoch=lambda epoch, train_loss, val_loss: print(
+            f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True))
+    if best_epoch == 0:
+        print(f"Validation loss was {history[0][1]} after epoch 1: no better epoch to go back to")
+    elif best_epoch != epochs_run:
+        print(f"Validation loss rose at epoch {epochs_run}: restored the weights of epoch "
+              f"{best_epoch} (validation loss {history[best_epoch - 1][1]:.3f})")
+    else:
+        print(f"Stopped after --max-epochs {max_epochs} with the validation loss still falling")
+    return {"epochs_run": epochs_run, "best_epoch": best_epoch,
+            "history": [{"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss}
+                        for epoch, (train_loss, val_loss) in enumerate(history, 1)]}
 
 
 # --- answering the test instructions ---
@@ -273,6 +301,7 @@ def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, 
          learning_rate, weight_decay, seed, device, dtype, max_new_tokens, generation_batch_size,
          results, responses, no_judge, judge_model, judge_api, judge_base_url, judge_concurrency,
          judge_max_retries):
+    """Fine-tune on instructions, answer the held-out ones, and have an LLM judge score them."""
     if responses and no_judge:
         raise click.UsageError("--responses judges a results file again; --no-judge leaves "
                                "nothing to do")
@@ -302,6 +331,9 @@ def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, 
         device = resolve_device(device)
     except (ValueError, RuntimeError) as error:
         raise click.BadParameter(str(error), param_hint="--device") from None
+    if dtype == "bf16" and not supports_bf16(device):
+        raise click.BadParameter(f"{device} does not support bf16; use fp16 or fp32",
+                                 param_hint="--dtype")
     records = instruction_data.load_records(data, data_url)
     train_records, test_records, validation_records = instruction_data.split_records(records)
     if not test_records:
@@ -318,34 +350,10 @@ def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, 
 
     torch.manual_seed(seed)
     model = load_model(model_config_path, model_safetensors_path, device)
-    summary = {"epochs_run": 0, "best_epoch": 0, "history": []}
+    summary = None
     if fine_tuning:
-        def encode_all(part):
-            return [tokenizer.encode(instruction_data.format_training_text(record)) for record in part]
-
-        collate = partial(instruction_data.collate, context_length=model.context_length)
-        train_loader = DataLoader(encode_all(train_records), batch_size=batch_size, shuffle=True,
-                                  drop_last=True, collate_fn=collate)
-        validation_loader = DataLoader(encode_all(validation_records), batch_size=batch_size,
-                                       shuffle=False, drop_last=False, collate_fn=collate)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-        best_epoch, epochs_run, history = fine_tune(
-            model, optimizer, train_loader, validation_loader, device, dtype, max_epochs,
-            on_epoch=lambda epoch, train_loss, val_loss: print(
-                f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}",
-                flush=True))
-        best_loss = history[best_epoch - 1][1] if best_epoch else math.nan
-        if best_epoch == 0:
-            print(f"Validation loss was {history[0][1]} after epoch 1: no better epoch to go back to")
-        elif best_epoch != epochs_run:
-            print(f"Validation loss rose at epoch {epochs_run}: restored the weights of epoch "
-                  f"{best_epoch} (validation loss {best_loss:.3f})")
-        else:
-            print(f"Stopped after --max-epochs {max_epochs}, validation loss still falling "
-                  f"({best_loss:.3f})")
-        summary = {"epochs_run": epochs_run, "best_epoch": best_epoch,
-                   "history": [{"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss}
-                               for epoch, (train_loss, val_loss) in enumerate(history, 1)]}
+        summary = instruction_tune(model, train_records, validation_records, batch_size,
+                                   learning_rate, weight_decay, max_epochs, device, dtype)
 
     prompts = [instruction_data.format_prompt(record) for record in test_records]
     answers = generate_responses(model, prompts, max_new_tokens, generation_batch_size, device, dtype)

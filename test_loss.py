@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import token_data
 from checkpointing import load_model
-from devices import autocast, default_dtype_name, resolve_device
+from devices import autocast, default_dtype_name, resolve_device, supports_bf16
 
 
 def dataset_directory(dataset, datasets_dir, split):
@@ -64,10 +64,14 @@ def mean_loss(model, batches, device, dtype_name):
               help="Autocast precision (default: bf16 where supported, else fp16).")
 def main(datasets_dir, model_config_path, model_safetensors_path, dataset, split, start_token,
          batches, batch_size, device, dtype):
+    """Print a checkpoint's mean loss (and perplexity) on a held-out slice of a token dataset."""
     try:
         device = resolve_device(device)
     except (ValueError, RuntimeError) as error:
         raise click.BadParameter(str(error), param_hint="--device") from None
+    if dtype == "bf16" and not supports_bf16(device):
+        raise click.BadParameter(f"{device} does not support bf16; use fp16 or fp32",
+                                 param_hint="--dtype")
     dtype_name = dtype or default_dtype_name(device)
     model = load_model(model_config_path, model_safetensors_path, device)
     seq_length = model.context_length
