@@ -467,8 +467,15 @@ def staged_output(output_dir):
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
                                     dir=output_dir.parent))
+    # mkdtemp makes it private (0700), and safetensors writes its files 0600: give the
+    # output the usual permissions, so that (say) a server run by another user can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
+        for path in staging.iterdir():
+            path.chmod(0o666 & ~umask)
         if not output_dir.exists():
             os.rename(staging, output_dir)
         else:

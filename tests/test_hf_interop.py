@@ -472,6 +472,18 @@ def test_import_usage_mistakes(tmp_path, hf_checkpoint, monkeypatch):
     assert (tmp_path / "out" / "model.json").read_text() == "keep me"
 
 
+def test_staged_output_appears_whole_with_the_usual_permissions(tmp_path):
+    with hf_gpt2.staged_output(tmp_path / "new") as staging:
+        save_file({"x": torch.zeros(2)}, staging / "model.safetensors")
+        assert not (tmp_path / "new").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "new" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path / "new") == ["model.safetensors"]
+    assert os.listdir(tmp_path) == ["new"]
+
+
 def test_staged_output_leaves_nothing_behind_on_failure(tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
