@@ -145,7 +145,7 @@ def generate_responses(model, prompts, max_new_tokens, batch_size, device, dtype
             with autocast(device, dtype_name):
                 new_tokens = generate(model, [encoded[index] for index in batch], max_new_tokens,
                                       eos_id=tokenizer.END_OF_TEXT_ID)
-            for index, tokens in zip(batch, new_tokens):
+            for index, tokens in zip(batch, new_tokens, strict=True):
                 text = tokenizer.decode(encoded[index] + tokens)
                 responses[index] = instruction_data.extract_response(text, prompts[index])
             progress.update(len(batch))
@@ -369,7 +369,7 @@ def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, 
             {"instruction": record["instruction"], "input": record["input"], "prompt": prompt,
              "reference": record["output"], "response": answer,
              "score": None, "judge_reply": None, "error": "not judged"}
-            for record, prompt, answer in zip(test_records, prompts, answers)
+            for record, prompt, answer in zip(test_records, prompts, answers, strict=True)
         ],
     }
     write_results(results_path, outcome)  # the responses are safe before any judging starts
