@@ -52,6 +52,7 @@ def download(url, path, timeout=60):
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(payload)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; this is an ordinary data file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
