@@ -300,14 +300,36 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
     """Write a complete checkpoint atomically, point `latest` (and `best` when meta says
     is_best) at it, and delete all but the newest `keep` (best and latest are kept)."""
     checkpoints_dir = Path(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     global_step = meta["global_step"]
-    name = _new_name(checkpoints_dir, global_step)
-    partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
+    name = None
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        name = _new_name(checkpoints_dir, global_step)
+        partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
+        _write_files(partial, global_step, model_state, optimizer_state, scaler_state, rng_state, meta)
+        final = checkpoints_dir / name
+        os.rename(partial, final)
+        _fsync_dir(checkpoints_dir)
+        _test_kill_point("after-rename", global_step)
+        point_link(checkpoints_dir, "latest", name)
+        _test_kill_point("after-latest", global_step)
+        if meta.get("is_best"):
+            point_link(checkpoints_dir, "best", name)
+        if keep is not None:
+            prune_checkpoints(checkpoints_dir, keep)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        # Disk full, no permission, a network mount gone (torch.save reports those as
+        # RuntimeError): whatever carries a final name is still complete.
+        raise CheckpointError(f"{checkpoints_dir}: could not write checkpoint {name or ''} "
+                              f"of step {global_step} ({error})") from None
+    return Checkpoint(name, final, global_step, meta)
+
+
+def _write_files(partial: Path, global_step, model_state, optimizer_state, scaler_state, rng_state, meta):
+    """Every file of a checkpoint, into the hidden directory `partial`, synced to disk."""
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
-
     tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
     save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
     os.chmod(partial / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors creates it owner-only
@@ -323,18 +345,6 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
         os.fsync(file.fileno())
     _fsync_dir(partial)
     _test_kill_point("before-rename", global_step)
-
-    final = checkpoints_dir / name
-    os.rename(partial, final)
-    _fsync_dir(checkpoints_dir)
-    _test_kill_point("after-rename", global_step)
-    point_link(checkpoints_dir, "latest", name)
-    _test_kill_point("after-latest", global_step)
-    if meta.get("is_best"):
-        point_link(checkpoints_dir, "best", name)
-    if keep is not None:
-        prune_checkpoints(checkpoints_dir, keep)
-    return Checkpoint(name, final, global_step, meta)
 
 
 def prune_checkpoints(checkpoints_dir, keep: int) -> list[str]:

@@ -237,3 +237,23 @@ def test_sigkill_during_a_save_leaves_only_complete_checkpoints(
     again = save(checkpoints_dir, 3, 3.0, is_best=True, keep=2, states=states)
     assert checkpointing.link_target(checkpoints_dir, "latest").name == again.name
     assert_consistent(checkpoints_dir)
+
+
+def test_a_failed_write_is_one_error_and_leaves_the_old_checkpoints(tmp_path):
+    import resource
+
+    checkpoints_dir = tmp_path / "checkpoints"
+    first = save(checkpoints_dir, 0, 5.0, is_best=True)
+    states = checkpoint_states()
+    # A file-size limit stands in for a full disk (it binds root too): writes past it fail.
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, previous_limit[1]))
+    try:
+        with pytest.raises(CheckpointError, match="could not write checkpoint .* of step 1"):
+            save(checkpoints_dir, 1, 4.0, is_best=True, states=states)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert [c.name for c in checkpointing.list_checkpoints(checkpoints_dir)] == [first.name]
+    assert checkpointing.link_target(checkpoints_dir, "latest").name == first.name

@@ -202,7 +202,7 @@ def test_sigkill_mid_save_then_resume_is_bitwise_identical(full_run, tmp_path, d
 
 
 def write_original_checkpoint(checkpoints_dir, step, val_loss):
-    """A checkpoint as the original scripts wrote it: four files, an fp16 GradScaler."""
+    """A checkpoint as the original scripts wrote it: four files, an fp16 GradScaler's state."""
     torch.manual_seed(step)
     model = GPTModel(MODEL)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
@@ -213,7 +213,9 @@ def write_original_checkpoint(checkpoints_dir, step, val_loss):
     path.mkdir(parents=True)
     save_file(model.state_dict(), str(path / "model.safetensors"))
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(torch.amp.GradScaler("cpu").state_dict(), path / "scaler.pt")
+    # A scale and growth interval of its own, to see them carried on.
+    torch.save(torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7).state_dict(),
+               path / "scaler.pt")
     (path / "meta.json").write_text(json.dumps(
         {"train_loss": val_loss + 0.1, "val_loss": val_loss, "global_step": step, "is_best": True}))
     for link in ("best", "latest"):
@@ -223,9 +225,11 @@ def write_original_checkpoint(checkpoints_dir, step, val_loss):
 
 
 def test_one_process_resumes_a_checkpoint_of_the_original_scripts(tmp_path, datasets_dir):
-    # Plain `python ddp_train.py` (world size 1), gradient accumulation, default dtype.
-    train = {key: value for key, value in TRAIN.items() if key not in ("dtype", "keep_checkpoints")}
-    train.update(min_train_tokens=256, validation_interval=2, gradient_accumulation_steps=2)
+    # Plain `python ddp_train.py` (world size 1), gradient accumulation, and the original's
+    # fp16 autocast with a GradScaler, whose saved state is carried on.
+    train = {key: value for key, value in TRAIN.items() if key != "keep_checkpoints"}
+    train.update(min_train_tokens=256, validation_interval=2, gradient_accumulation_steps=2,
+                 dtype="fp16")
     run_dir = make_run(tmp_path / "original", train=train)
     write_original_checkpoint(run_dir / "checkpoints", 0, 9.0)
     write_original_checkpoint(run_dir / "checkpoints", 1, 8.0)
@@ -238,7 +242,9 @@ def test_one_process_resumes_a_checkpoint_of_the_original_scripts(tmp_path, data
     assert latest.global_step == 3
     assert [p["global_step"] for p in latest.meta["history"]] == [0, 1, 2, 3]
     assert latest.meta["gradient_accumulation_steps"] == 2 and latest.meta["world_size"] == 1
-    assert latest.meta["dtype"] == "bf16"
+    assert latest.meta["dtype"] == "fp16"
+    scaler_state = torch.load(latest.path / "scaler.pt", weights_only=True)
+    assert scaler_state["growth_interval"] == 7 and scaler_state["scale"] in (1024.0, 512.0, 256.0)
     assert math.isfinite(latest.meta["train_loss"]) and math.isfinite(latest.meta["val_loss"])
     assert [c.global_step for c in checkpointing.list_checkpoints(checkpoints_dir)] == [0, 1, 2, 3]
     checkpointing.load_model(run_dir / "model.json", latest.path / "model.safetensors")
