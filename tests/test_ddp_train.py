@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import chart
 import checkpointing
 import ddp_train
 from config import TRAIN_REQUIRED, validate_train_config
@@ -171,28 +172,40 @@ def test_ddp_equals_one_process_with_averaged_gradients(full_run, datasets_dir):
     assert history[7]["train_loss"] == pytest.approx(sum(losses[7]) / 2, abs=1e-6)
 
 
-def test_sigkill_mid_save_then_resume_is_bitwise_identical(full_run, tmp_path, datasets_dir):
+def test_sigkilled_twice_then_resumed_is_bitwise_identical(full_run, tmp_path, datasets_dir):
     full_dir, _ = full_run
     run_dir = make_run(tmp_path / "crashed")
-    # Rank 0 dies in the middle of writing the step-6 checkpoint; torchrun takes rank 1 down.
-    crashed = run_training(run_dir, datasets_dir,
-                           env={checkpointing.KILL_AT_VARIABLE: "partial@6"})
-    assert crashed.returncode != 0
     checkpoints_dir = run_dir / "checkpoints"
-    assert checkpointing.link_target(checkpoints_dir, "latest").global_step == 3
-    assert [c.global_step for c in checkpointing.list_checkpoints(checkpoints_dir)] == [0, 3]
-    assert any(name.startswith(".partial-") for name in os.listdir(checkpoints_dir))
 
+    # 1. Rank 0 dies in the middle of writing the step-3 checkpoint; torchrun takes rank 1 down.
+    crashed = run_training(run_dir, datasets_dir, env={checkpointing.KILL_AT_VARIABLE: "partial@3"})
+    assert crashed.returncode != 0
+    assert [c.global_step for c in checkpointing.list_checkpoints(checkpoints_dir)] == [0]
+    assert checkpointing.link_target(checkpoints_dir, "latest").global_step == 0
+    assert any(name.startswith(".partial-") for name in os.listdir(checkpoints_dir))
+    assert [p["global_step"] for p in chart.chart_points(checkpoints_dir)[0]] == [0]
+
+    # 2. Resumed, it dies again just after the step-6 checkpoint got its name, before
+    #    `latest` moved: a complete checkpoint newer than the one `latest` names.
+    crashed = run_training(run_dir, datasets_dir, "latest",
+                           env={checkpointing.KILL_AT_VARIABLE: "after-rename@6"})
+    assert crashed.returncode != 0 and "at step 1" in crashed.stdout
+    assert [c.global_step for c in checkpointing.list_checkpoints(checkpoints_dir)] == [0, 3, 6]
+    assert checkpointing.link_target(checkpoints_dir, "latest").global_step == 3
+    assert not any(name.startswith(".") for name in os.listdir(checkpoints_dir))
+
+    # 3. Resumed from latest, it goes over steps 4-6 again and finishes.
     resumed = run_training(run_dir, datasets_dir, "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "at step 4" in resumed.stdout
     assert "Tokens seen: 256 this session, 512 in all" in resumed.stdout
-    assert not any(name.startswith(".") for name in os.listdir(checkpoints_dir))
+    assert [c.global_step for c in checkpointing.list_checkpoints(checkpoints_dir)][-2:] == [6, 7]
 
-    # Every loss logged after the resume and every final weight: bit for bit.
+    # Every loss logged after the resumes and every final weight: bit for bit.
     ours = checkpointing.link_target(checkpoints_dir, "latest")
     reference = checkpointing.link_target(full_dir / "checkpoints", "latest")
     assert ours.meta["history"] == reference.meta["history"]
+    assert chart.chart_points(checkpoints_dir) == chart.chart_points(full_dir / "checkpoints")
     for key, tensor in weights(reference.path).items():
         assert torch.equal(weights(ours.path)[key], tensor), key
     ours_optimizer = torch.load(ours.path / "optimizer.pt", weights_only=True)
