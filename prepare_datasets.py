@@ -21,6 +21,7 @@ when it is complete; until then it lives in hidden temporary files next to them.
 import glob
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import struct
@@ -28,6 +29,8 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
@@ -39,6 +42,7 @@ from tqdm import tqdm
 import tokenizer
 
 SPLITS = ("train", "validation")
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 TRAIN_PERCENT = 99
 DEFAULT_FILES = "sample/10BT/*.parquet"
 
@@ -203,14 +207,16 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _start_worker(parent_pid: int):
+def _start_worker():
     # Ctrl-C reaches the whole process group; the main process decides what to do about it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    # If the main process is killed outright, nobody tells the workers; don't outlive it.
+    # If the main process is killed outright, nobody tells the workers, and they would wait
+    # for work forever. Its sentinel becomes ready when it is gone: then go too.
+    main_process = multiprocessing.parent_process()
+
     def exit_when_orphaned():
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
+        multiprocessing.connection.wait([main_process.sentinel])
         os._exit(1)
 
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
@@ -228,10 +234,11 @@ def tokenize_corpus(files, text_column, writers, train_documents, total_document
     """Tokenize every document into the split writers, in order. Returns the token count."""
     pool = None
     if workers > 1:
-        # spawn, not fork: pyarrow and tqdm run threads in this process, and forking a
-        # process with threads can deadlock the child.
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_start_worker, initargs=(os.getpid(),))
+        # Not fork: pyarrow and tqdm run threads in this process, and forking a process
+        # with threads can deadlock the child. A fork server imports this module once and
+        # forks the workers from that clean, single-threaded copy; spawn where there's none.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(START_METHOD),
+                                   initializer=_start_worker)
     # A bounded queue of batches in flight keeps memory flat: the reader never runs ahead of
     # the writer by more than a couple of batches per worker.
     in_flight = deque()
@@ -244,7 +251,11 @@ def tokenize_corpus(files, text_column, writers, train_documents, total_document
     def write_oldest():
         nonlocal tokens_written
         split, document_count, result = in_flight.popleft()
-        tokens = result.get() if pool else result
+        try:
+            tokens = result.result() if pool else result
+        except BrokenProcessPool:
+            raise PrepareError("a tokenizer process died (killed, or out of memory?); "
+                               "nothing was written") from None
         writers[split].write(tokens)
         tokens_written += len(tokens)
         rate = tokens_written / max(time.perf_counter() - started, 1e-9)
@@ -253,7 +264,7 @@ def tokenize_corpus(files, text_column, writers, train_documents, total_document
 
     try:
         for split, texts in document_batches(files, text_column, batch_documents, train_documents):
-            result = pool.apply_async(encode_documents, (texts,)) if pool else encode_documents(texts)
+            result = pool.submit(encode_documents, texts) if pool else encode_documents(texts)
             in_flight.append((split, len(texts), result))
             while len(in_flight) > max_in_flight:
                 write_oldest()
@@ -262,9 +273,9 @@ def tokenize_corpus(files, text_column, writers, train_documents, total_document
     finally:
         progress.close()
         if pool:
-            # terminate, not close: on an error or Ctrl-C, batches still queued are not wanted.
-            pool.terminate()
-            pool.join()
+            # On an error or Ctrl-C, batches still queued are not wanted; the ones being
+            # tokenized finish (a second or so) and the workers exit.
+            pool.shutdown(wait=True, cancel_futures=True)
     return tokens_written
 
 

@@ -223,11 +223,14 @@ def wait_for_tokens_on_disk(process, output):
     raise AssertionError("no tokens were written within 60 s")
 
 
-def children_of(pid):
-    children = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children.update(int(child) for child in (task / "children").read_text().split())
-    return children
+def descendants_of(pid):
+    found, pending = set(), [pid]
+    while pending:
+        for task in Path(f"/proc/{pending.pop()}/task").iterdir():
+            children = [int(child) for child in (task / "children").read_text().split()]
+            found.update(children)
+            pending.extend(children)
+    return found
 
 
 def is_running(pid):
@@ -261,8 +264,8 @@ def test_killed_run_leaves_no_final_file_and_the_next_run_cleans_up(big_corpus):
     output = big_corpus / "killed"
     process = start_prepare(["in", output.name, "--workers", 2, "--batch-documents", 20], big_corpus)
     partial = wait_for_tokens_on_disk(process, output)
-    workers = children_of(process.pid)
-    assert len(workers) >= 2
+    helpers = descendants_of(process.pid)  # the tokenizer processes (and a fork server)
+    assert len(helpers) >= 2
     process.kill()
     process.communicate(timeout=60)
 
@@ -271,9 +274,9 @@ def test_killed_run_leaves_no_final_file_and_the_next_run_cleans_up(big_corpus):
     assert not (output / "validation.safetensors").exists()
     # The tokenizer processes notice they were orphaned and exit.
     deadline = time.monotonic() + 20
-    while any(is_running(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(is_running(pid) for pid in helpers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(is_running(pid) for pid in workers)
+    assert not any(is_running(pid) for pid in helpers)
 
     rerun = run_prepare("small", output.name, "--workers", 1, cwd=big_corpus)
     assert rerun.returncode == 0, rerun.stderr
