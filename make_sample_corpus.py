@@ -19,6 +19,7 @@ order each pass, to make a bigger corpus for benchmarks.
 import ast
 import os
 import random
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -168,11 +169,9 @@ def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
         nonlocal file_number, batch
         table = pa.table({"text": [r[2] for r in batch], "id": [r[0] for r in batch],
                           "url": [r[1] for r in batch]}, schema=schema)
-        final_path = folder / f"{file_number:03d}_00000.parquet"
-        temporary_path = folder / f".{final_path.name}.partial"
-        pq.write_table(table, temporary_path, row_group_size=rows_per_group)
-        os.replace(temporary_path, final_path)
-        written.append((final_path, len(batch), sum(len(r[2].encode("utf-8")) for r in batch)))
+        path = folder / f"{file_number:03d}_00000.parquet"
+        pq.write_table(table, path, row_group_size=rows_per_group)
+        written.append((path, len(batch), sum(len(r[2].encode("utf-8")) for r in batch)))
         file_number += 1
         batch = []
 
@@ -186,19 +185,23 @@ def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
 
 
 @click.command()
-@click.argument("output_dir", type=click.Path(path_type=Path), default="sample-corpus")
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path), default="sample-corpus")
 @click.option("--megabytes", type=click.FloatRange(min=0), default=None,
               help="Make at least this many MB of text by repeating the collected documents "
                    "(reshuffled each pass). Default: one pass, about 3 MB.")
-@click.option("--documents-per-file", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--documents-per-file", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Documents per parquet file.")
 @click.option("--rows-per-group", type=click.IntRange(min=1), default=100, show_default=True,
               help="Parquet row-group size (FineWeb's files hold many row groups).")
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Where to look for modules and text files  [default: this "
                                  "Python's standard library]")
-@click.option("--force", is_flag=True, help="Replace parquet files already in OUTPUT_DIR/sample/10BT.")
+@click.option("--force", is_flag=True,
+              help="Replace a corpus already in OUTPUT_DIR/sample/10BT (once the new one is complete).")
 def main(output_dir, megabytes, documents_per_file, rows_per_group, source, force):
-    """Write a FineWeb-shaped corpus of standard-library text to OUTPUT_DIR/sample/10BT/*.parquet."""
+    """Write a FineWeb-shaped corpus of standard-library text to OUTPUT_DIR/sample/10BT/*.parquet.
+
+    OUTPUT_DIR defaults to ./sample-corpus."""
     folder = output_dir / SAMPLE_FOLDER
     if folder.exists() and not folder.is_dir():
         raise click.ClickException(f"{folder} exists and is not a directory")
@@ -210,11 +213,25 @@ def main(output_dir, megabytes, documents_per_file, rows_per_group, source, forc
     documents = collect_documents(source)
     if not documents:
         raise click.ClickException(f"found no documentation text under {source}")
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in existing:
-        path.unlink()
-    written = write_parquet_files(corpus_rows(documents, megabytes), folder, documents_per_file,
-                                  rows_per_group)
+    # Written beside the final folder and swapped in when complete: an interrupted run
+    # leaves no half-corpus under sample/10BT, and --force keeps the old one until then.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        written = write_parquet_files(corpus_rows(documents, megabytes), staging,
+                                      documents_per_file, rows_per_group)
+        if folder.exists():
+            replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
+            os.replace(folder, replaced)
+            os.replace(staging, folder)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    written = [(folder / path.name, count, size) for path, count, size in written]
     total_documents = sum(count for _, count, _ in written)
     total_bytes = sum(size for _, _, size in written)
     print(f"{folder}: {len(written)} parquet file(s), {total_documents:,} documents, "
