@@ -317,6 +317,8 @@ def main(input_dataset_dir, output_dataset_dir, files_pattern, text_column, work
     files = find_parquet_files(input_dataset_dir, files_pattern)
     counts = count_documents(files, text_column)
     total_documents = sum(counts)
+    if total_documents == 0:
+        raise PrepareError(f"the {len(files)} file(s) matching {files_pattern} hold no documents")
     train_documents = train_document_count(total_documents)
     print(f"{len(files)} parquet file(s), {total_documents:,} documents: {train_documents:,} for "
           f"train, {total_documents - train_documents:,} for validation; {workers} worker(s)")
@@ -327,7 +329,8 @@ def main(input_dataset_dir, output_dataset_dir, files_pattern, text_column, work
     created_output_dir = not output_dataset_dir.exists()
     output_dataset_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(output_dataset_dir)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # `kill` (SIGTERM) cleans up as Ctrl-C does.
+    previous_sigterm_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
     writers = {}
     started = time.perf_counter()
@@ -349,6 +352,8 @@ def main(input_dataset_dir, output_dataset_dir, files_pattern, text_column, work
             click.echo(f"Interrupted: nothing was written to {output_dataset_dir}", err=True)
             sys.exit(130)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm_handler)
 
     elapsed = time.perf_counter() - started
     for split in SPLITS:

@@ -303,6 +303,11 @@ def test_bad_input_ends_in_one_line_naming_the_culprit(tmp_path):
     assert result.output.strip() == (f"Error: {folder}/a.parquet: no column 'text' (columns: "
                                       f"body); choose one with --text-column")
 
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / "a.parquet")
+    result = invoke(tmp_path / "in", tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: the 1 file(s) matching sample/10BT/*.parquet hold no documents"
+
     pq.write_table(pa.table({"text": ["fine", "also fine", None]}), folder / "a.parquet")
     result = invoke(tmp_path / "in", tmp_path / "out", "--workers", 1)
     assert result.exit_code == 1
