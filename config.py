@@ -134,6 +134,7 @@ class TrainConfig:
     compile: bool = False
     seed: int | None = None
     keep_checkpoints: int | None = None    # newest N kept besides best and latest; None keeps all
+    weight_decay_scope: str = "all"        # "all" (the seed) | "matrices" (not biases/norms)
 
 
 TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val_token",
@@ -167,6 +168,7 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
         "compile": lambda v: _bool(path, "compile", v),
         "seed": lambda v: _int(path, "seed", v, minimum=0),
         "keep_checkpoints": lambda v: _int(path, "keep_checkpoints", v, minimum=1),
+        "weight_decay_scope": lambda v: _choice(path, "weight_decay_scope", v, ("all", "matrices")),
     }
     for key, check in checks.items():
         if data.get(key) is not None:

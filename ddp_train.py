@@ -33,7 +33,6 @@ from pathlib import Path
 import click
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -184,9 +183,9 @@ def dataset_dir_on_this_node(dataset: str, datasets_dir: Path, ranks: Ranks) -> 
 # --- the pieces of a training step ---
 
 def batch_loss(model, inputs, targets) -> torch.Tensor:
-    """Mean cross-entropy over every position of the batch, as the original."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """Mean cross-entropy over every position of the batch, as the original; the model
+    computes it chunk by chunk without materialising the batch's logits."""
+    return model(inputs, targets=targets)
 
 
 def to_device(batch, device: torch.device):
@@ -213,10 +212,16 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device):
-    # One parameter group with weight decay on everything, as the original (its
-    # optimizer.pt files load into this one). Fused kernels on CUDA.
-    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                             weight_decay=config.weight_decay,
+    """AdamW with fused kernels on CUDA. weight_decay_scope "all" is the original's one
+    parameter group (its optimizer.pt files load into it); "matrices" exempts biases,
+    norm scales/shifts (everything below 2-D) from decay, as GPT-2 practice does."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay_scope == "all":
+        groups = [{"params": parameters, "weight_decay": config.weight_decay}]
+    else:
+        groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate,
                              fused=True if device.type == "cuda" else None)
 
 
@@ -354,6 +359,13 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     torch.manual_seed(seed + ranks.rank)
 
     optimizer = build_optimizer(model, train_config, device)
+    # Model FLOPs utilisation for the progress bar: the datasheet peak of a known GPU,
+    # else a matmul measured now (a CPU's practical peak).
+    flops_per_token = devices.training_flops_per_token(model_config)
+    peak_flops = None
+    if ranks.is_main:
+        peak_flops = (devices.datasheet_peak_flops(device, dtype_name)
+                      or devices.measure_matmul_flops(device, dtype_name))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16")
     if resume_state is not None:
         load_optimizer_state(optimizer, resume_state.optimizer_state,
@@ -431,8 +443,9 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
             loss_total = loss_sum.item()
             recent_loss = (loss_total - last["loss_sum"]) / max(1, micro_steps_summed - last["micro_steps"])
             tokens_per_second = (step + 1 - last["step"]) * tokens_per_step / (now - last["time"])
-            progress.set_postfix(progress_fields(recent_loss, learning_rate, tokens_per_second, grad_norm),
-                                 refresh=False)
+            mfu = tokens_per_second / world_size * flops_per_token / peak_flops
+            progress.set_postfix(progress_fields(recent_loss, learning_rate, tokens_per_second, mfu,
+                                                 grad_norm), refresh=False)
             last.update(time=now, step=step + 1, loss_sum=loss_total, micro_steps=micro_steps_summed)
 
         if step % train_config.validation_interval == 0 or step == total_steps - 1:
@@ -473,14 +486,18 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
         print(f"Training finished in {datetime.timedelta(seconds=round(elapsed))} "
               f"(global steps {start_step:,} to {total_steps - 1:,})")
         print(f"Tokens seen: {tokens:,} this session, {total_steps * tokens_per_step:,} in all")
-        print(f"Throughput: {tokens / elapsed:,.0f} tokens/s")
+        per_rank = tokens / elapsed / world_size
+        print(f"Throughput: {tokens / elapsed:,.0f} tokens/s ({per_rank:,.0f} per rank), "
+              f"MFU {per_rank * flops_per_token / peak_flops:.1%} of {peak_flops / 1e12:,.2f} TFLOP/s")
         print(f"Final train loss: {summary['train_loss']:.4f}, validation loss: {summary['val_loss']:.4f}"
               f" (best validation loss {best_loss:.4f})")
     _finish(ranks)
 
 
-def progress_fields(loss: float, learning_rate: float, tokens_per_second: float, grad_norm) -> dict:
-    fields = {"loss": f"{loss:.4f}", "lr": f"{learning_rate:.2e}", "tok/s": f"{tokens_per_second:,.0f}"}
+def progress_fields(loss: float, learning_rate: float, tokens_per_second: float, mfu: float,
+                    grad_norm) -> dict:
+    fields = {"loss": f"{loss:.4f}", "lr": f"{learning_rate:.2e}", "tok/s": f"{tokens_per_second:,.0f}",
+              "MFU": f"{mfu:.1%}"}
     if grad_norm is not None:
         fields["grad norm"] = f"{grad_norm.item():.3f}"
     return fields

@@ -29,13 +29,30 @@ def distributed_backend(device: torch.device) -> str:
 
 
 def supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs at all on this device (maybe emulated, on older CPUs)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type in ("cpu", "mps")
 
 
+def cpu_has_native_bf16() -> bool:
+    """bf16 matrix instructions (AVX512-BF16, AMX, Arm BF16). Without them a CPU converts
+    bf16 to fp32 around every matmul, which is slower than plain fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            flags = set()
+            for line in file:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def default_dtype_name(device: torch.device) -> str:
-    """The seed's precision where bf16 isn't available (fp16 + GradScaler), bf16 otherwise."""
+    """bf16 where it is fast; else the seed's fp16 + GradScaler on CUDA, fp32 on a CPU."""
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return "bf16" if supports_bf16(device) else "fp16"
 
 
@@ -47,3 +64,82 @@ def autocast(device: torch.device, dtype_name: str):
     if dtype_name == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype_name])
+
+
+# Dense (no sparsity) peak tensor-core FLOP/s from the vendors' datasheets, for MFU.
+# Keyed by a substring of torch.cuda.get_device_name(); first match wins.
+GPU_PEAK_FLOPS = [  # (name, {dtype: FLOP/s})
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 80e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+def datasheet_peak_flops(device: torch.device, dtype_name: str) -> float | None:
+    """The datasheet's dense peak for this GPU and dtype, or None if we don't know it."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAK_FLOPS:
+        if key in name:
+            return peaks.get(dtype_name)
+    return None
+
+
+def measure_matmul_flops(device: torch.device, dtype_name: str, max_size: int = 2048,
+                         seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of a large square matmul: the practical peak of a CPU, or the
+    fallback for a GPU missing from the table. The size grows from 256 while one
+    product takes under 50 ms, so a dtype a CPU only emulates can't stall start-up."""
+    import time
+
+    dtype = TORCH_DTYPES[dtype_name]
+    # A private generator: measuring must not move the global one (dropout, resume).
+    generator = torch.Generator(device).manual_seed(0)
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        a @ b  # warm-up: kernel selection, page faults
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if size >= max_size or time.perf_counter() - start > 0.05:
+            break
+        size *= 2
+    runs, start = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+        synchronize(device)
+    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def training_flops_per_token(cfg: dict) -> float:
+    """Model FLOPs of one training token (forward + backward), the PaLM-paper count:
+    6 x (parameters used in matmuls: everything but the two embedding lookups)
+    + 12 x n_layers x emb_dim x context_length for the attention scores and mixing."""
+    d, layers, vocab = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
+    bias = 3 * d if cfg["qkv_bias"] else 0
+    per_block = 4 * d * d + bias + d + 8 * d * d + 5 * d + 4 * d   # attention, MLP, two norms
+    matmul_parameters = layers * per_block + 2 * d + vocab * d    # + final norm, output head
+    return 6 * matmul_parameters + 12 * layers * d * cfg["context_length"]

@@ -100,8 +100,7 @@ def reference_training(tokens, steps, world_size):
             start = (step * world_size + rank) * batch * length
             chunk = tokens[start:start + batch * length + 1].long()
             torch.set_rng_state(generators[rank])
-            logits = model(chunk[:-1].view(batch, length))
-            loss = F.cross_entropy(logits.flatten(0, 1), chunk[1:].flatten())
+            loss = model(chunk[:-1].view(batch, length), targets=chunk[1:].view(batch, length))
             (loss / world_size).backward()
             generators[rank] = torch.get_rng_state()
             step_losses.append(loss.item())
