@@ -1,0 +1,43 @@
+"""Run every benchmark, one after the other, each in its own process.
+
+    uv run python bench/run_all.py [--quick]
+
+--quick shrinks the work (fewer new tokens, a smaller corpus and token file) so the
+whole set finishes in minutes on a small CPU machine; the defaults are the sizes the
+README's performance section asks for.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+BENCH = Path(__file__).resolve().parent
+
+FULL = [
+    ["bench_train_step.py"],
+    ["bench_generate.py"],
+    ["bench_data.py"],
+]
+QUICK = [
+    ["bench_train_step.py", "--repeats", "2"],
+    ["bench_generate.py", "--new-tokens", "64", "--batch-sizes", "1"],
+    ["bench_data.py", "--tokens", "2", "--big-tokens", "0", "--token-file-gb", "0.2"],
+]
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Smaller sizes, for a quick look.")
+def main(quick):
+    failed = []
+    for script, *arguments in QUICK if quick else FULL:
+        print(f"\n=== {script} {' '.join(arguments)}", flush=True)
+        if subprocess.run([sys.executable, str(BENCH / script), *arguments]).returncode != 0:
+            failed.append(script)
+    if failed:
+        raise click.ClickException(f"benchmark(s) failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
