@@ -1,0 +1,82 @@
+"""Small pieces shared by the scale-out tests (multi-node, FSDP, activation checkpointing):
+a toy token dataset, a tiny run directory, ddp_train.py under torchrun, free ports."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpointing
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = PROJECT_ROOT / "ddp_train.py"
+
+MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
+         "drop_rate": 0.0, "qkv_bias": False}
+# 2 ranks x 2 sequences x 16 tokens = 64 tokens a global step: 256 tokens make 4 steps,
+# checkpoints at steps 0, 2 and 3.
+TRAIN = {"dataset": "toy", "min_train_tokens": 256, "start_train_token": 0, "start_val_token": 0,
+         "minibatch_size": 2, "validation_interval": 2, "validation_batches": 2,
+         "learning_rate": 0.01, "warmup_steps": 1, "lr_schedule": "cosine", "min_learning_rate": 0.001,
+         "grad_clip": 0.5, "dtype": "fp32", "seed": 7}
+
+
+def pattern_tokens(count, seed):
+    """Token ids below 64 with structure to learn: a repeating ramp, 20% noise."""
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.arange(count) % 61
+    noise = torch.randint(0, 64, (count,), generator=generator)
+    return torch.where(torch.rand(count, generator=generator) < 0.2, noise, ramp).to(torch.uint16)
+
+
+def write_toy_dataset(directory):
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"tokens": pattern_tokens(4096, 0)}, str(directory / "train.safetensors"))
+    save_file({"tokens": pattern_tokens(1024, 1)}, str(directory / "validation.safetensors"))
+    return directory
+
+
+def make_run(path, model=None, train=None):
+    path = Path(path)
+    path.mkdir(parents=True)
+    (path / "model.json").write_text(json.dumps(model or MODEL))
+    (path / "train.json").write_text(json.dumps(train or TRAIN))
+    return path
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_command(launcher_options, run_dir, datasets_dir, *arguments):
+    return ([sys.executable, "-m", "torch.distributed.run", *launcher_options, str(SCRIPT),
+             str(run_dir), str(datasets_dir), *arguments, "--device", "cpu"])
+
+
+def environment(extra=None):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
+    """ddp_train.py under a single-node torchrun with nproc processes."""
+    command = torchrun_command(["--standalone", f"--nproc_per_node={nproc}"], run_dir, datasets_dir,
+                               *arguments)
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(env),
+                            cwd=PROJECT_ROOT, timeout=300)
+    return result
+
+
+def latest(run_dir):
+    return checkpointing.link_target(Path(run_dir) / "checkpoints", "latest")
+
+
+def final_weights(run_dir):
+    return load_file(str(latest(run_dir).path / checkpointing.MODEL_FILE))
