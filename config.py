@@ -135,6 +135,9 @@ class TrainConfig:
     seed: int | None = None
     keep_checkpoints: int | None = None    # newest N kept besides best and latest; None keeps all
     weight_decay_scope: str = "all"        # "all" (the seed) | "matrices" (not biases/norms)
+    parallelism: str = "ddp"               # "ddp" (the seed) | "fsdp" (FSDP2: sharded weights, grads, AdamW)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    init_from: str | None = None           # model.safetensors to start a fresh run from
 
 
 TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val_token",
@@ -169,6 +172,9 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
         "seed": lambda v: _int(path, "seed", v, minimum=0),
         "keep_checkpoints": lambda v: _int(path, "keep_checkpoints", v, minimum=1),
         "weight_decay_scope": lambda v: _choice(path, "weight_decay_scope", v, ("all", "matrices")),
+        "parallelism": lambda v: _choice(path, "parallelism", v, ("ddp", "fsdp")),
+        "activation_checkpointing": lambda v: _bool(path, "activation_checkpointing", v),
+        "init_from": lambda v: _text(path, "init_from", v),
     }
     for key, check in checks.items():
         if data.get(key) is not None:
@@ -179,6 +185,11 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
             f"{path}: key 'min_learning_rate' ({config.min_learning_rate}) must not exceed "
             f"'learning_rate' ({config.learning_rate})"
         )
+    if config.parallelism == "fsdp" and config.dtype == "fp16":
+        # FSDP2 mixes precision through its own policy; fp16 would also need a sharded
+        # gradient scaler, which we don't carry.
+        raise ConfigError(f"{path}: key 'dtype' is \"fp16\", which 'parallelism' \"fsdp\" does "
+                          f"not support; use \"bf16\" or \"fp32\"")
     return config
 
 

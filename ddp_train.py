@@ -21,6 +21,7 @@ Devices: CUDA with NCCL (one process per GPU, LOCAL_RANK picks it), CPU with glo
 
 import contextlib
 import datetime
+import functools
 import inspect
 import math
 import os
@@ -33,7 +34,12 @@ from pathlib import Path
 import click
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import checkpointing
@@ -180,6 +186,87 @@ def dataset_dir_on_this_node(dataset: str, datasets_dir: Path, ranks: Ranks) -> 
                      if node == ranks.node and local_rank == 0))
 
 
+# --- wrapping the model: activation checkpointing, DDP or FSDP2 ---
+
+def checkpoint_activations(model: GPTModel) -> None:
+    """Make each transformer block keep only its input during training and recompute the
+    rest in the backward pass. The blocks' forward is wrapped in place, so parameter
+    names (and checkpoints) stay the seed's. Non-reentrant checkpointing replays the
+    forward with the generator states it saw, so dropout masks are the same."""
+    def recomputed(forward, *args):
+        if not torch.is_grad_enabled():  # validation: nothing to save memory on
+            return forward(*args)
+        return checkpoint(forward, *args, use_reentrant=False)
+    for block in model.trf_blocks:
+        block.forward = functools.partial(recomputed, block.forward)
+
+
+def shard_model(model: GPTModel, device: torch.device, dtype_name: str, world_size: int) -> None:
+    """FSDP2: each block is one unit of sharding (gathered just before it runs, freed
+    after), then the root takes the embeddings, final norm and output head. With bf16
+    the gathered weights are bf16 for compute and gradients are reduced in fp32."""
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,))
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if dtype_name == "bf16" else MixedPrecisionPolicy())
+    for block in model.trf_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def parameter_names_in_optimizer_order(model, optimizer) -> list[str]:
+    """Parameter names in the order an index-keyed optimizer state dict counts them (its
+    groups' params, one after the other). The same under DDP and FSDP."""
+    name_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    return [name_of[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def full_optimizer_state(model, optimizer, sharded: bool) -> dict:
+    """The optimizer state as torch's index-keyed state dict (the seed's optimizer.pt
+    format), each group also listing its parameters' names so the file says which tensor
+    is which. Under FSDP it is gathered from the shards (a collective: every rank calls
+    it; rank 0 gets the state, the others an empty dict)."""
+    names = parameter_names_in_optimizer_order(model, optimizer)
+    if not sharded:
+        state = optimizer.state_dict()
+    else:
+        by_name = get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU)
+        if not by_name.get("state") and not by_name.get("param_groups"):
+            return {}
+        index_of = {name: index for index, name in enumerate(names)}
+        state = {"state": {index_of[name]: value for name, value in by_name["state"].items()},
+                 "param_groups": [{**group, "params": [index_of[name] for name in group["params"]]}
+                                  for group in by_name["param_groups"]]}
+    for group in state["param_groups"]:
+        group["param_names"] = [names[index] for index in group["params"]]
+    return state
+
+
+def load_sharded_optimizer_state(model, optimizer, saved: dict, path: Path) -> None:
+    """An index-keyed optimizer state (written under DDP or FSDP, or by the original
+    scripts) into an FSDP-sharded optimizer: keyed by name, every rank keeps its shard."""
+    names = parameter_names_in_optimizer_order(model, optimizer)
+    groups = saved.get("param_groups", [])
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if [len(group.get("params", [])) for group in groups] != sizes:
+        raise checkpointing.CheckpointError(
+            f"{path}: optimizer state is for parameter groups of sizes "
+            f"{[len(group.get('params', [])) for group in groups]}, this model has {sizes}")
+    try:
+        by_name = {
+            "state": {names[index]: value for index, value in saved["state"].items()},
+            # train.json's hyperparameters, the file's parameters
+            "param_groups": [{**{key: value for key, value in ours.items() if key != "params"},
+                              "params": [names[index] for index in theirs["params"]]}
+                             for ours, theirs in zip(optimizer.param_groups, groups)],
+        }
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, IndexError, ValueError, RuntimeError) as error:
+        raise checkpointing.CheckpointError(f"{path}: optimizer state does not fit ({error})") from None
+
+
 # --- the pieces of a training step ---
 
 def batch_loss(model, inputs, targets) -> torch.Tensor:
@@ -323,6 +410,12 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     if dtype_name == "bf16" and not devices.supports_bf16(device):
         raise ConfigError(f"{run_dir / 'train.json'}: key 'dtype' is \"bf16\", which {device} "
                           f"does not support; use \"fp16\" or \"fp32\"")
+    # FSDP mixes precision by its own policy, without a (sharded) gradient scaler.
+    if train_config.parallelism == "fsdp" and dtype_name == "fp16":
+        raise ConfigError(f"{run_dir / 'train.json'}: key 'parallelism' is \"fsdp\", which trains in "
+                          f"bf16 or fp32 only, and {device} does not support bf16: set \"dtype\": "
+                          f"\"fp32\", or use \"parallelism\": \"ddp\"")
+    sharded = train_config.parallelism == "fsdp" and ranks.distributed
 
     start_process_group(ranks, device)
     world_size, accumulation = ranks.world_size, train_config.gradient_accumulation_steps
@@ -357,6 +450,10 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
             history = checkpointing.loss_history(checkpoints_dir, up_to_step=resume_from.global_step)
     model.to(device)
     torch.manual_seed(seed + ranks.rank)
+    if train_config.activation_checkpointing:
+        checkpoint_activations(model)
+    if sharded:  # before the optimizer, which then holds each rank's shards
+        shard_model(model, device, dtype_name, world_size)
 
     optimizer = build_optimizer(model, train_config, device)
     # Model FLOPs utilisation for the progress bar: the datasheet peak of a known GPU,
@@ -368,8 +465,11 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
                       or devices.measure_matmul_flops(device, dtype_name))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16")
     if resume_state is not None:
-        load_optimizer_state(optimizer, resume_state.optimizer_state,
-                             resume_from.path / checkpointing.OPTIMIZER_FILE)
+        optimizer_path = resume_from.path / checkpointing.OPTIMIZER_FILE
+        if sharded:
+            load_sharded_optimizer_state(model, optimizer, resume_state.optimizer_state, optimizer_path)
+        else:
+            load_optimizer_state(optimizer, resume_state.optimizer_state, optimizer_path)
         if scaler.is_enabled() and resume_state.scaler_state:
             scaler.load_state_dict(resume_state.scaler_state)
         if resume_state.rng_state is not None and resume_state.rng_state.get("world_size") == world_size:
@@ -387,8 +487,9 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     # cost bandwidth.
     trained = (DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
                                        **NO_BUFFER_SYNC)
-               if ranks.distributed else compiled)
-    autocast = devices.autocast(device, dtype_name)
+               if ranks.distributed and not sharded else compiled)
+    # Under FSDP the mixed-precision policy casts the gathered weights instead.
+    autocast = contextlib.nullcontext() if sharded else devices.autocast(device, dtype_name)
 
     if ranks.is_main:
         checkpointing.remove_leftovers(checkpoints_dir)
@@ -423,7 +524,12 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
             inputs, targets = to_device(train_batches[batch_index], device)
             # Gradients are all-reduced on the last micro-step only.
             final_micro_step = micro_step == accumulation - 1
-            sync = contextlib.nullcontext() if final_micro_step or not ranks.distributed else trained.no_sync()
+            if sharded:
+                model.set_requires_gradient_sync(final_micro_step)
+                sync = contextlib.nullcontext()
+            else:
+                sync = (contextlib.nullcontext() if final_micro_step or not ranks.distributed
+                        else trained.no_sync())
             with sync:
                 with autocast:
                     loss = batch_loss(trained, inputs, targets)
@@ -433,6 +539,8 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
         if train_config.grad_clip is not None:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -456,7 +564,13 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
             history.append({"global_step": step, "train_loss": train_loss, "val_loss": val_loss,
                             "is_best": is_best})
             states = rng_states(ranks, device)
+            if sharded:  # gathered from every rank's shards, onto rank 0's CPU
+                model_state = get_model_state_dict(model, options=FULL_ON_CPU)
+                optimizer_state = full_optimizer_state(model, optimizer, sharded=True)
             if ranks.is_main:
+                if not sharded:
+                    model_state = model.state_dict()
+                    optimizer_state = full_optimizer_state(model, optimizer, sharded=False)
                 meta = {
                     "train_loss": train_loss, "val_loss": val_loss, "global_step": step,
                     "is_best": is_best, "tokens_seen": (step + 1) * tokens_per_step,
@@ -465,10 +579,12 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
                     "world_size": world_size, "gradient_accumulation_steps": accumulation,
                     "minibatch_size": minibatch_size, "context_length": context_length,
                     "dtype": dtype_name, "seed": seed, "history": history,
+                    "parallelism": "fsdp" if sharded else "ddp",
+                    "activation_checkpointing": train_config.activation_checkpointing,
                 }
                 saved = checkpointing.save_checkpoint(
-                    checkpoints_dir, model_state=model.state_dict(),
-                    optimizer_state=optimizer.state_dict(), scaler_state=scaler.state_dict(),
+                    checkpoints_dir, model_state=model_state,
+                    optimizer_state=optimizer_state, scaler_state=scaler.state_dict(),
                     rng_state=states, meta=meta, keep=train_config.keep_checkpoints)
                 best_step = max((p["global_step"] for p in history if p["is_best"]), default=None)
                 draw_loss_chart(history, best_step, run_dir / CHART_FILE)

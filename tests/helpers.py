@@ -80,3 +80,24 @@ def latest(run_dir):
 
 def final_weights(run_dir):
     return load_file(str(latest(run_dir).path / checkpointing.MODEL_FILE))
+
+
+def copy_run_up_to(source_run, destination, step, train=None):
+    """A copy of a finished run whose checkpoints stop at `step` (as if it had stopped
+    there), with `latest` and `best` pointing where they pointed then; `train` replaces
+    its train.json."""
+    import shutil
+    destination = Path(destination)
+    shutil.copytree(source_run, destination, symlinks=True)
+    if train is not None:
+        (destination / "train.json").write_text(json.dumps(train))
+    checkpoints_dir = destination / "checkpoints"
+    kept = []
+    for checkpoint in checkpointing.list_checkpoints(checkpoints_dir):
+        if checkpoint.global_step > step:
+            shutil.rmtree(checkpoint.path)
+        else:
+            kept.append(checkpoint)
+    checkpointing.point_link(checkpoints_dir, "latest", kept[-1].name)
+    checkpointing.point_link(checkpoints_dir, "best", min(kept, key=lambda c: c.meta["val_loss"]).name)
+    return destination
