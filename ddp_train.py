@@ -165,6 +165,25 @@ def check_resumable(meta: dict, meta_path: Path, ranks: Ranks, train_config: Tra
             )
 
 
+def initial_weights_file(run_dir: Path, train_config: TrainConfig, model_config: dict) -> Path:
+    """train.json's init_from: a model.safetensors (relative paths are relative to the run
+    directory) whose sibling model.json describes the same model as the run's."""
+    weights_path = run_dir / Path(train_config.init_from).expanduser()
+    where = f"{run_dir / 'train.json'}: key 'init_from'"
+    if not weights_path.is_file():
+        raise ConfigError(f"{where}: {weights_path} does not exist")
+    their_config = load_model_config(weights_path.parent / "model.json")
+    # drop_rate is no part of the weights: a run may train them with its own.
+    different = [key for key in model_config
+                 if key != "drop_rate" and their_config.get(key) != model_config[key]]
+    if different:
+        key = different[0]
+        raise ConfigError(f"{where}: {weights_path.parent / 'model.json'} has {key} "
+                          f"{their_config.get(key)!r}, {run_dir / 'model.json'} has {model_config[key]!r}; "
+                          f"the weights fit only the model they were written for")
+    return weights_path
+
+
 def dataset_dir_on_this_node(dataset: str, datasets_dir: Path, ranks: Ranks) -> Path:
     """Each node's local rank 0 fetches (or finds) the dataset; the node's other ranks
     wait for it and then use the same files."""
@@ -405,6 +424,9 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     if resume_from is not None:
         check_resumable(resume_from.meta, resume_from.path / checkpointing.META_FILE, ranks,
                         train_config)
+    # Starting weights from a file: for a fresh run only (a resume has its own).
+    init_from = (initial_weights_file(run_dir, train_config, model_config)
+                 if train_config.init_from is not None and resume_from is None else None)
     device = choose_device(device_name, ranks)
     dtype_name = train_config.dtype or devices.default_dtype_name(device)
     if dtype_name == "bf16" and not devices.supports_bf16(device):
@@ -439,6 +461,8 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     seed = train_config.seed if train_config.seed is not None else secrets.randbits(62)
     torch.manual_seed(seed)
     model = GPTModel(model_config)
+    if init_from is not None:
+        checkpointing.load_weights_into(model, init_from)
     start_step, best_loss, history, resume_state = 0, math.inf, [], None
     if resume_from is not None:
         checkpointing.load_weights_into(model, resume_from.path / checkpointing.MODEL_FILE)
@@ -494,7 +518,9 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     if ranks.is_main:
         checkpointing.remove_leftovers(checkpoints_dir)
         parameters = sum(p.numel() for p in model.parameters())
-        print(f"{run_dir}: {parameters:,} parameters, {dtype_name} on {world_size} x {device.type}; "
+        print(f"{run_dir}: {parameters:,} parameters, {dtype_name} on {world_size} x {device.type}"
+              + (f", {train_config.parallelism}" if sharded else "")
+              + (f", starting from {init_from}" if init_from is not None else "") + "; "
               f"dataset {dataset_dir}: {total_steps:,} global steps of {tokens_per_step:,} tokens"
               + (f"; resuming from {resume_from.name} at step {start_step:,}" if resume_from else ""))
     if start_step >= total_steps:
