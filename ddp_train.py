@@ -17,6 +17,11 @@ writes a checkpoint (see checkpointing.py) and redraws the loss chart.
 
 Devices: CUDA with NCCL (one process per GPU, LOCAL_RANK picks it), CPU with gloo
 (any number of processes), Apple MPS in one process.
+
+Scale-out (train.json): "parallelism": "fsdp" shards weights, gradients and AdamW state
+over the ranks with FSDP2 instead of replicating them with DDP; checkpoints are the same
+files either way. "activation_checkpointing": true recomputes each block in backward.
+Multi-node torchrun needs nothing special: each node's local rank 0 fetches the dataset.
 """
 
 import contextlib
