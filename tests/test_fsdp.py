@@ -109,3 +109,13 @@ def test_fp16_is_refused_under_fsdp(tmp_path, datasets_dir):
     result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), "--device", "cpu"])
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and "'dtype' is \"fp16\"" in result.stderr, result.stderr
+
+
+def test_fsdp_gradient_accumulation_matches_one_big_micro_batch(ddp_run, tmp_path, datasets_dir):
+    # Two micro-steps of one sequence per rank cover the same four sequences a global
+    # step as one micro-step of two: with gradients reduced once, on the last micro-step,
+    # and averaged over the micro-steps, the weights are the same.
+    run_dir = trained(make_run(tmp_path / "accumulated", train={
+        **FSDP, "minibatch_size": 1, "gradient_accumulation_steps": 2}), datasets_dir)
+    assert latest(run_dir).global_step == latest(ddp_run).global_step == 3
+    assert_close_weights(final_weights(run_dir), final_weights(ddp_run), atol=1e-5)
