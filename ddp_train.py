@@ -268,16 +268,23 @@ def full_optimizer_state(model, optimizer, sharded: bool) -> dict:
     return state
 
 
-def load_sharded_optimizer_state(model, optimizer, saved: dict, path: Path) -> None:
-    """An index-keyed optimizer state (written under DDP or FSDP, or by the original
-    scripts) into an FSDP-sharded optimizer: keyed by name, every rank keeps its shard."""
-    names = parameter_names_in_optimizer_order(model, optimizer)
+def saved_param_groups(optimizer, saved: dict, path: Path) -> list:
+    """The saved parameter groups, refused unless they match this optimizer's group sizes
+    (e.g. a checkpoint written under another weight_decay_scope)."""
     groups = saved.get("param_groups", [])
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     if [len(group.get("params", [])) for group in groups] != sizes:
         raise checkpointing.CheckpointError(
             f"{path}: optimizer state is for parameter groups of sizes "
             f"{[len(group.get('params', [])) for group in groups]}, this model has {sizes}")
+    return groups
+
+
+def load_sharded_optimizer_state(model, optimizer, saved: dict, path: Path) -> None:
+    """An index-keyed optimizer state (written under DDP or FSDP, or by the original
+    scripts) into an FSDP-sharded optimizer: keyed by name, every rank keeps its shard."""
+    names = parameter_names_in_optimizer_order(model, optimizer)
+    groups = saved_param_groups(optimizer, saved, path)
     try:
         by_name = {
             "state": {names[index]: value for index, value in saved["state"].items()},
@@ -339,12 +346,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
 def load_optimizer_state(optimizer, saved: dict, path: Path) -> None:
     """Load saved AdamW moments, keeping train.json's hyperparameters (and our kernel
     choice): torch would otherwise take every group setting from the file."""
-    groups = saved.get("param_groups", [])
-    sizes = [len(group["params"]) for group in optimizer.param_groups]
-    if [len(group.get("params", [])) for group in groups] != sizes:
-        raise checkpointing.CheckpointError(
-            f"{path}: optimizer state is for parameter groups of sizes "
-            f"{[len(group.get('params', [])) for group in groups]}, this model has {sizes}")
+    groups = saved_param_groups(optimizer, saved, path)
     merged = [{**{key: value for key, value in ours.items() if key != "params"},
                "params": theirs["params"]}
               for ours, theirs in zip(optimizer.param_groups, groups)]

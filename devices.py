@@ -24,6 +24,15 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def choose_device_and_dtype(device_name: str | None, dtype_name: str | None):
+    """A script's --device and --dtype checked together: (torch.device, dtype name).
+    No dtype means the device's default. Raises ValueError naming what is wrong."""
+    device = resolve_device(device_name)
+    if dtype_name == "bf16" and not supports_bf16(device):
+        raise ValueError(f"{device} does not support bf16; use fp16 or fp32")
+    return device, dtype_name or default_dtype_name(device)
+
+
 def distributed_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

@@ -31,7 +31,7 @@ import instruction_data
 import judge
 import tokenizer
 from checkpointing import load_model
-from devices import autocast, resolve_device, supports_bf16
+from devices import autocast, choose_device_and_dtype
 from gpt import generate
 
 VALIDATION_BATCHES = 5  # the seed's validation loss: the first five batches
@@ -328,12 +328,9 @@ def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, 
         return
 
     try:
-        device = resolve_device(device)
+        device, dtype = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:
-        raise click.BadParameter(str(error), param_hint="--device") from None
-    if dtype == "bf16" and not supports_bf16(device):
-        raise click.BadParameter(f"{device} does not support bf16; use fp16 or fp32",
-                                 param_hint="--dtype")
+        raise click.UsageError(str(error)) from None
     records = instruction_data.load_records(data, data_url)
     train_records, test_records, validation_records = instruction_data.split_records(records)
     if not test_records:

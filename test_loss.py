@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import token_data
 from checkpointing import load_model
-from devices import autocast, default_dtype_name, resolve_device, supports_bf16
+from devices import autocast, choose_device_and_dtype
 
 
 def dataset_directory(dataset, datasets_dir, split):
@@ -66,13 +66,9 @@ def main(datasets_dir, model_config_path, model_safetensors_path, dataset, split
          batches, batch_size, device, dtype):
     """Print a checkpoint's mean loss (and perplexity) on a held-out slice of a token dataset."""
     try:
-        device = resolve_device(device)
+        device, dtype_name = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:
-        raise click.BadParameter(str(error), param_hint="--device") from None
-    if dtype == "bf16" and not supports_bf16(device):
-        raise click.BadParameter(f"{device} does not support bf16; use fp16 or fp32",
-                                 param_hint="--dtype")
-    dtype_name = dtype or default_dtype_name(device)
+        raise click.UsageError(str(error)) from None
     model = load_model(model_config_path, model_safetensors_path, device)
     seq_length = model.context_length
 

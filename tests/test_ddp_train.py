@@ -25,8 +25,8 @@ import ddp_train
 from config import TRAIN_REQUIRED, validate_train_config
 from gpt import GPTModel
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = PROJECT_ROOT / "ddp_train.py"
+import helpers
+from helpers import PROJECT_ROOT, SCRIPT, write_toy_dataset
 
 MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
          "drop_rate": 0.1, "qkv_bias": False}
@@ -39,28 +39,15 @@ TRAIN = {"dataset": "toy", "min_train_tokens": 512, "start_train_token": 0, "sta
 STEPS = 8
 
 
-def pattern_tokens(count, seed):
-    """Token ids below 64 with structure to learn: a repeating ramp, 20% noise."""
-    generator = torch.Generator().manual_seed(seed)
-    ramp = torch.arange(count) % 61
-    noise = torch.randint(0, 64, (count,), generator=generator)
-    return torch.where(torch.rand(count, generator=generator) < 0.2, noise, ramp).to(torch.uint16)
-
-
 @pytest.fixture(scope="module")
 def datasets_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
-    (root / "toy").mkdir()
-    save_file({"tokens": pattern_tokens(4096, 0)}, str(root / "toy" / "train.safetensors"))
-    save_file({"tokens": pattern_tokens(1024, 1)}, str(root / "toy" / "validation.safetensors"))
+    write_toy_dataset(root / "toy")
     return root
 
 
 def make_run(path, model=None, train=None):
-    path.mkdir(parents=True)
-    (path / "model.json").write_text(json.dumps(model or MODEL))
-    (path / "train.json").write_text(json.dumps(train or TRAIN))
-    return path
+    return helpers.make_run(path, model or MODEL, train or TRAIN)
 
 
 def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):

@@ -115,7 +115,7 @@ def test_ctrl_c_stops_at_once_and_the_next_run_continues(hub_root, tmp_path):
     slow = "sample/10BT/001_00000.parquet"
     make_repo(hub_root, "fineweb", {slow: 4_000_000})
     with HubServer(hub_root) as hub:
-        hub.slow_downloads[slow] = 0.05  # 64 KiB every 50 ms: about 3 s for the whole file
+        hub.slow_downloads[slow] = 0.2  # 64 KiB every 200 ms: about 12 s for the whole file
         process = start_download("--dataset", "fineweb", endpoint=hub.url, cwd=work)
         deadline = time.monotonic() + 60
         while not (hub.bytes_sent.get(("HuggingFaceFW/fineweb", slow), 0) > 0
@@ -125,7 +125,7 @@ def test_ctrl_c_stops_at_once_and_the_next_run_continues(hub_root, tmp_path):
         interrupted_at = time.monotonic()
         process.send_signal(signal.SIGINT)
         stderr = finish(process).stderr
-        assert time.monotonic() - interrupted_at < 2.5  # not after the slow file finished
+        assert time.monotonic() - interrupted_at < 6  # well before the slow file would finish
         assert process.returncode == 130
         assert stderr.strip().splitlines()[-1] == (
             "Interrupted: files already complete in fineweb are kept; run the same command "

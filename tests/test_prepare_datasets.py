@@ -203,9 +203,9 @@ def test_existing_output_is_kept_unless_forced(tmp_path):
 
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory):
-    """About 30 MB of text: enough that a run is still going when the test interrupts it."""
+    """About 60 MB of text: enough that a run is still going when the test interrupts it."""
     root = tmp_path_factory.mktemp("big")
-    texts = [topics[name] for name in sorted(topics)] * 65
+    texts = [topics[name] for name in sorted(topics)] * 130
     write_parquet(root / "in" / "sample" / "10BT" / "big.parquet", texts, row_group_size=100)
     write_parquet(root / "small" / "sample" / "10BT" / "small.parquet", real_documents(20), 5)
     return root
@@ -252,8 +252,8 @@ def test_ctrl_c_leaves_nothing_behind(big_corpus):
     process = start_prepare(["in", output.name, "--workers", 2, "--batch-documents", 20], big_corpus)
     wait_for_tokens_on_disk(process, output)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, f"exit {process.returncode}\n{stdout}\n{stderr}"
     assert stderr.strip().splitlines()[-1] == f"Interrupted: nothing was written to {output.name}"
     assert "Traceback" not in stderr
     # The output directory was ours and is gone again; nothing under a final name, ever.
