@@ -2,9 +2,9 @@
 
     uv run python bench/run_all.py [--quick]
 
---quick shrinks the work (fewer new tokens, a smaller corpus and token file) so the
-whole set finishes in minutes on a small CPU machine; the defaults are the sizes the
-README's performance section asks for.
+--quick shrinks the work (fewer timed steps and new tokens, a smaller corpus and token
+file); the 163M training step is still slow on a CPU. The defaults are the sizes the
+README's performance section describes.
 """
 
 import subprocess
