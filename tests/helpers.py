@@ -66,12 +66,37 @@ def environment(extra=None):
 
 
 def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
-    """ddp_train.py under a single-node torchrun with nproc processes."""
-    command = torchrun_command(["--standalone", f"--nproc_per_node={nproc}"], run_dir, datasets_dir,
-                               *arguments)
-    result = subprocess.run(command, capture_output=True, text=True, env=environment(env),
-                            cwd=PROJECT_ROOT, timeout=300)
-    return result
+    """ddp_train.py under a single-node torchrun with nproc processes, or as one plain
+    `python ddp_train.py` process when nproc is None."""
+    if nproc:
+        command = torchrun_command(["--standalone", f"--nproc_per_node={nproc}"], run_dir,
+                                   datasets_dir, *arguments)
+    else:
+        command = [sys.executable, str(SCRIPT), str(run_dir), str(datasets_dir), *arguments,
+                   "--device", "cpu"]
+    return subprocess.run(command, capture_output=True, text=True, env=environment(env),
+                          cwd=PROJECT_ROOT, timeout=300)
+
+
+def write_tiny_checkpoint(directory, config, seed=0):
+    """model.json + model.safetensors of a freshly initialised GPTModel; returns the model."""
+    from gpt import GPTModel
+
+    torch.manual_seed(seed)
+    model = GPTModel(config)
+    (Path(directory) / "model.json").write_text(json.dumps(config))
+    save_file(model.state_dict(), str(Path(directory) / "model.safetensors"))
+    return model.eval()
+
+
+def one_line_error(result, *fragments, exit_code=1):
+    """A user mistake: the given exit code, one line on stderr holding every fragment."""
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
 
 
 def latest(run_dir):

@@ -9,8 +9,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from config import TRAIN_REQUIRED, validate_train_config
 from gpt import GPTModel
 
 import helpers
-from helpers import PROJECT_ROOT, SCRIPT, write_toy_dataset
+from helpers import PROJECT_ROOT, run_training, write_toy_dataset
 
 MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
          "drop_rate": 0.1, "qkv_bias": False}
@@ -48,15 +46,6 @@ def datasets_dir(tmp_path_factory):
 
 def make_run(path, model=None, train=None):
     return helpers.make_run(path, model or MODEL, train or TRAIN)
-
-
-def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
-    """ddp_train.py under torchrun (nproc >= 1), or plain python (nproc=None)."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc else [sys.executable])
-    command = launcher + [str(SCRIPT), str(run_dir), str(datasets_dir), *arguments, "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=300)
 
 
 def weights(checkpoint_dir):

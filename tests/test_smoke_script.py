@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import tokenizer
-from gpt import GPTModel, generate
+from gpt import generate
+from helpers import one_line_error, write_tiny_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=50257, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
@@ -27,11 +26,7 @@ def run_smoke(*args):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
-    model = GPTModel(CONFIG)
-    (directory / "model.json").write_text(json.dumps(CONFIG))
-    save_file(model.state_dict(), directory / "model.safetensors")
-    return directory, model.eval()
+    return directory, write_tiny_checkpoint(directory, CONFIG)
 
 
 def test_prints_prompt_and_greedy_continuation(checkpoint):
@@ -55,14 +50,6 @@ def test_seeded_sampling_is_reproducible_and_has_the_seed_defaults(checkpoint):
     # 20 new tokens by default; decoding and re-encoding may merge a few across the boundary
     assert len(tokenizer.encode(text[len("Every effort moves you"):])) >= 10
 
-
-def one_line_error(result, *fragments):
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_missing_weights_file(checkpoint, tmp_path):

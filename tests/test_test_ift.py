@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import test_ift
 import tokenizer
 from gpt import GPTModel, generate
+from helpers import one_line_error, write_tiny_checkpoint
 from servers.judge import JudgeServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,14 +33,6 @@ def run_ift(*args, **env):
                           capture_output=True, text=True, timeout=300)
 
 
-def one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
 
 def instruction_records(count):
     return [{"instruction": f"Name colour number {index}.",
@@ -50,9 +43,7 @@ def instruction_records(count):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
-    (directory / "model.json").write_text(json.dumps(CONFIG))
-    save_file(GPTModel(CONFIG).state_dict(), directory / "model.safetensors")
+    write_tiny_checkpoint(directory, CONFIG)
     return directory / "model.json", directory / "model.safetensors"
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from devices import default_dtype_name
 from gpt import GPTModel
+from helpers import one_line_error, write_tiny_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=50257, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
@@ -31,11 +32,7 @@ def run_test_loss(*args, **env):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
-    model = GPTModel(CONFIG)
-    (directory / "model.json").write_text(json.dumps(CONFIG))
-    save_file(model.state_dict(), directory / "model.safetensors")
-    return directory, model.eval()
+    return directory, write_tiny_checkpoint(directory, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +91,6 @@ def test_seed_dataset_layout_and_default_precision(checkpoint, tokens):
     # bf16 autocast where the CPU has native bf16, else fp32 (devices.default_dtype_name)
     assert f"{default_dtype_name(torch.device('cpu'))})" in result.stdout
 
-
-def one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_token_ids_outside_the_vocabulary(tmp_path):
