@@ -149,8 +149,8 @@ def test_dropout_is_active_in_training_mode_only():
 
 @pytest.mark.parametrize("chunk_elements", [2 ** 24, 503 * 7])  # one chunk; many uneven chunks
 def test_fused_loss_equals_cross_entropy_of_logits(monkeypatch, chunk_elements):
-    from gpt import LinearCrossEntropy
-    monkeypatch.setattr(LinearCrossEntropy, "ROWS_PER_CHUNK_ELEMENTS", chunk_elements)
+    import gpt
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", chunk_elements)
     cfg = tiny_config()
     _, ours = paired_models(cfg, seed=5)
     token_ids = torch.randint(0, cfg["vocab_size"], (3, 20))
@@ -170,3 +170,85 @@ def test_fused_loss_equals_cross_entropy_of_logits(monkeypatch, chunk_elements):
         assert (parameter.grad - reference).abs().max() <= 1e-5 * reference.abs().max() + 1e-9, name
     with torch.no_grad():
         assert torch.allclose(ours(token_ids, targets=targets), expected, rtol=1e-6)
+
+
+def reference_attention(queries, keys, values, keep_scaled=None):
+    """The seed's attention: full score matrix, -inf above the diagonal, softmax of
+    scores / sqrt(head_dim), optional dropout (given as the 0 or 1/(1-p) multipliers)."""
+    num_tokens, head_dim = queries.shape[-2:]
+    scores = queries @ keys.transpose(-2, -1)
+    future = torch.ones(num_tokens, num_tokens, dtype=torch.bool).triu(1)
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")) / head_dim ** 0.5, dim=-1)
+    if keep_scaled is not None:
+        weights = weights * keep_scaled
+    return weights @ values
+
+
+def attention_inputs(num_tokens, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, num_tokens, 16, generator=generator, requires_grad=True) for _ in range(3)]
+
+
+def value_and_grads(attention, inputs):
+    output = attention(*inputs)
+    (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+    grads = [tensor.grad.clone() for tensor in inputs]
+    for tensor in inputs:
+        tensor.grad = None
+    return output.detach(), grads
+
+
+@pytest.mark.parametrize("num_tokens, block_size", [(50, 16), (48, 16), (10, 128)])
+def test_blockwise_attention_with_dropout_equals_the_seeds(num_tokens, block_size):
+    from gpt import blockwise_causal_attention
+    inputs = attention_inputs(num_tokens)
+    dropout_p = 0.3
+    torch.manual_seed(7)
+    actual, actual_grads = value_and_grads(
+        lambda q, k, v: blockwise_causal_attention(q, k, v, dropout_p, block_size), inputs)
+
+    # The same dropout masks, drawn in the blockwise order: one draw per block of query
+    # rows, shaped (batch, heads, rows in the block, keys up to the block's end).
+    torch.manual_seed(7)
+    keep_scaled = torch.zeros(2, 3, num_tokens, num_tokens)
+    for start in range(0, num_tokens, block_size):
+        end = min(start + block_size, num_tokens)
+        keep_scaled[..., start:end, :end] = torch.nn.functional.dropout(
+            torch.ones(2, 3, end - start, end), dropout_p)
+    causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+    assert abs((keep_scaled[..., causal] == 0).float().mean() - dropout_p) < 0.1
+    expected, expected_grads = value_and_grads(
+        lambda q, k, v: reference_attention(q, k, v, keep_scaled), inputs)
+
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    for actual_grad, expected_grad in zip(actual_grads, expected_grads):
+        assert torch.allclose(actual_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_blockwise_attention_without_dropout_equals_sdpa():
+    from gpt import blockwise_causal_attention
+    inputs = attention_inputs(70, seed=3)
+    actual, actual_grads = value_and_grads(
+        lambda q, k, v: blockwise_causal_attention(q, k, v, 0.0, 32), inputs)
+    expected, expected_grads = value_and_grads(
+        lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), inputs)
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    for actual_grad, expected_grad in zip(actual_grads, expected_grads):
+        assert torch.allclose(actual_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_training_with_dropout_on_a_cpu_takes_the_blockwise_path(monkeypatch):
+    import gpt
+    calls = []
+    original = gpt.blockwise_causal_attention
+    monkeypatch.setattr(gpt, "blockwise_causal_attention",
+                        lambda *args: calls.append(args[3]) or original(*args))
+    cfg = tiny_config(drop_rate=0.1)
+    model = GPTModel(cfg)
+    token_ids = torch.randint(0, cfg["vocab_size"], (2, 8))
+    model.train()
+    model(token_ids)
+    assert calls == [0.1] * cfg["n_layers"]
+    model.eval()
+    model(token_ids)
+    assert len(calls) == cfg["n_layers"]  # evaluation keeps the fused, dropout-free kernel
