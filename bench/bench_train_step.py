@@ -6,9 +6,10 @@ The seed's 163M configuration (emb 768, 12 layers, 12 heads, context 1024). One 
 is forward, backward and an AdamW update. Both steps start from the same weights and
 are timed alternately in this one process, after a warm-up step each.
 
-  ours:  gpt.GPTModel (fused SDPA / layer_norm / GELU kernels), the fused linear +
-         cross-entropy loss, ddp_train's AdamW (fused on CUDA), bf16 autocast where the
-         device has native bf16 (else fp32 on a CPU), torch.compile on CUDA.
+  ours:  gpt.GPTModel (fused SDPA / layer_norm / GELU kernels; on a CPU with dropout,
+         block-by-block causal attention), the fused linear + cross-entropy loss,
+         ddp_train's fused AdamW, bf16 autocast where the device has native bf16 (else
+         fp32 on a CPU), torch.compile on CUDA.
   naive: bench/naive_gpt.py (explicit masked softmax attention, hand-written GELU and
          LayerNorm), full logits + F.cross_entropy, for-loop AdamW; fp16 autocast with a
          GradScaler on CUDA (the seed's), the same dtype as ours on a CPU.
@@ -16,7 +17,8 @@ are timed alternately in this one process, after a warm-up step each.
 MFU = model FLOPs per token x tokens/s / peak FLOP/s, with model FLOPs per token =
 6 x (parameters used in matmuls) + 12 x n_layers x emb_dim x context_length
 (devices.training_flops_per_token). Peak: the datasheet's dense figure for a known GPU,
-else a large matmul measured in this run (both fp32 and bf16 are printed on a CPU).
+else a large matmul measured in this run (both fp32 and bf16 are measured on a CPU; MFU
+is against the peak of the precision our step ran in).
 """
 
 import sys
@@ -119,7 +121,8 @@ def main(batch, repeats, dtype_name, device_name, use_compile):
         datasheet = devices.datasheet_peak_flops(device, peak_dtype)
         peak = datasheet or devices.measure_matmul_flops(device, peak_dtype)
         source = "datasheet" if datasheet else "measured 2048^2 matmul"
-        peaks.append([peak_dtype, source, f"{peak / 1e12:.3f}", f"{our_flops / peak:.1%}"])
+        mfu = f"{our_flops / peak:.1%}" if peak_dtype == dtype_name else f"- (ours ran {dtype_name})"
+        peaks.append([peak_dtype, source, f"{peak / 1e12:.3f}", mfu])
     print_table(["peak dtype", "source", "peak TFLOP/s", "our MFU"], peaks)
 
 
