@@ -1,11 +1,15 @@
 """Token datasets: memory-mapped splits, the seed's batch arithmetic, and where the files come from.
 
 A split is a safetensors file holding one 1-D tensor, `tokens`. We never read the
-whole file: the tensor is memory-mapped, so a 10B-token split costs no RAM up
-front and every rank on a machine shares the same page cache.
+whole file: the tensor is memory-mapped for its length and for scans, and each batch
+is read with one positioned read (pread), so a 10B-token split costs no RAM up front,
+every rank on a machine shares the same page cache, and a process's resident memory
+does not grow as training walks through the file (pages touched through a memory map
+count towards it, and a whole epoch would touch them all).
 """
 
 import json
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -82,14 +86,17 @@ class TokenBatches:
     """Batch i is (x, y): x = tokens[i*B*T : (i+1)*B*T] viewed as (B, T), y the same shifted by one.
 
     This is the seed's BigTrainDataset layout (tokens[:-1] and tokens[1:] reshaped),
-    read lazily from the memory map: only the batch asked for is copied.
+    read lazily: only the batch asked for is read from the file.
     """
 
-    def __init__(self, tokens, num_batches, batch_size, seq_length):
-        self.tokens = tokens            # num_batches * batch_size * seq_length + 1 tokens
+    def __init__(self, tokens, path, file_offset, num_batches, batch_size, seq_length):
+        self.tokens = tokens            # num_batches * batch_size * seq_length + 1 tokens, memory-mapped
+        self.path = path
+        self.file_offset = file_offset  # where tokens[0] is in the file, in bytes
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.seq_length = seq_length
+        self._file = None               # opened on first read, in the process that reads
 
     def __len__(self):
         return self.num_batches
@@ -98,8 +105,12 @@ class TokenBatches:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch {index} out of range (0..{self.num_batches - 1})")
         batch_tokens = self.batch_size * self.seq_length
-        start = index * batch_tokens
-        chunk = torch.from_numpy(self.tokens[start:start + batch_tokens + 1].astype(np.int64))
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        item_size = self.tokens.dtype.itemsize
+        raw = os.pread(self._file.fileno(), (batch_tokens + 1) * item_size,
+                       self.file_offset + index * batch_tokens * item_size)
+        chunk = torch.from_numpy(np.frombuffer(raw, dtype=self.tokens.dtype).astype(np.int64))
         x = chunk[:-1].view(self.batch_size, self.seq_length)
         y = chunk[1:].view(self.batch_size, self.seq_length)
         return x, y
@@ -135,7 +146,8 @@ def load_dataset(dataset_dir, split, min_tokens, start_token, world_size, miniba
             f"({world_size} rank(s) x {minibatch_size} sequences x {seq_length} tokens per global "
             f"batch, plus one), {available:,} available"
         )
-    return TokenBatches(tokens[start_token:start_token + wanted],
+    return TokenBatches(tokens[start_token:start_token + wanted], path,
+                        tokens.offset + start_token * tokens.dtype.itemsize,
                         num_global_batches * world_size, minibatch_size, seq_length)
 
 

@@ -270,3 +270,26 @@ def test_hub_datasets_are_downloaded_once_and_used_offline(tmp_path):
 
     batches = load_dataset(downloaded, "validation", -1, 0, 1, 2, 8)
     assert len(batches) == 299 // 16 and batches[0][0][0, :3].tolist() == [0, 1, 2]
+
+
+def file_backed_resident_kib():
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_reading_batches_does_not_grow_resident_memory(tmp_path):
+    # 32 MB of tokens; 300 batches spread over all of it. Through the memory map each
+    # batch would map its pages (and the kernel's fault-around neighbours) into this
+    # process: megabytes of RSS. Positioned reads map nothing.
+    tokens = torch.arange(16 * 2**20, dtype=torch.int64).remainder(50257).to(torch.uint16)
+    write_split(tmp_path, "train", tokens)
+    batches = load_dataset(tmp_path, "train", -1, 5, 1, 4, 64)
+    stride = len(batches) // 300
+    before = file_backed_resident_kib()
+    for index in range(0, len(batches), stride):
+        x, y = batches[index]
+        start = 5 + index * 256
+        assert torch.equal(x.flatten(), tokens[start:start + 256].long())
+        assert torch.equal(y.flatten(), tokens[start + 1:start + 257].long())
+    assert file_backed_resident_kib() - before < 1024
