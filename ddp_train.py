@@ -520,9 +520,10 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
 
     compiled = torch.compile(model) if train_config.compile else model
     # The causal-mask buffers never change: broadcasting them every step would only
-    # cost bandwidth.
+    # cost bandwidth. Gradients live in DDP's all-reduce buckets (gradient_as_bucket_view)
+    # instead of being copied in and out of them every step.
     trained = (DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                                       **NO_BUFFER_SYNC)
+                                       gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
                if ranks.distributed and not sharded else compiled)
     # Under FSDP the mixed-precision policy casts the gathered weights instead.
     autocast = contextlib.nullcontext() if sharded else devices.autocast(device, dtype_name)
