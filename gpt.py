@@ -114,7 +114,8 @@ def blockwise_causal_attention(queries, keys, values, dropout_p, block_size=128)
         # Only the block's own square holds future keys: mask its upper triangle.
         future = torch.ones(end - start, end - start, dtype=torch.bool, device=scores.device).triu(1)
         scores[..., start:].masked_fill_(future, float("-inf"))
-        weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+        # Softmax in fp32 whatever the autocast dtype, as SDPA does internally.
+        weights = F.dropout(torch.softmax(scores, dim=-1, dtype=torch.float32), dropout_p).to(values.dtype)
         context_blocks.append(weights @ values[..., :end, :])
     return torch.cat(context_blocks, dim=-2)
 

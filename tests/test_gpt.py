@@ -252,3 +252,13 @@ def test_training_with_dropout_on_a_cpu_takes_the_blockwise_path(monkeypatch):
     model.eval()
     model(token_ids)
     assert len(calls) == cfg["n_layers"]  # evaluation keeps the fused, dropout-free kernel
+
+
+def test_blockwise_attention_under_bf16_autocast_stays_close_to_fp32():
+    from gpt import blockwise_causal_attention
+    queries, keys, values = (tensor.detach() for tensor in attention_inputs(40, seed=4))
+    expected = blockwise_causal_attention(queries, keys, values, 0.0, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = blockwise_causal_attention(queries, keys, values, 0.0, 16)
+    assert actual.dtype == torch.bfloat16
+    assert (actual.float() - expected).abs().max() < 0.05 * expected.abs().max()
