@@ -6,8 +6,10 @@
 Same numbers as the textbook formulas (masked softmax attention, tanh-approximated
 GELU, LayerNorm with biased variance), computed with PyTorch's fused kernels:
 scaled_dot_product_attention (flash / memory-efficient attention where available),
-F.layer_norm and F.gelu. Decoding keeps a KV cache so each new token costs one
-position of work instead of re-running the whole context.
+F.layer_norm and F.gelu (on a CPU, attention with dropout goes block by block instead:
+see blockwise_causal_attention). Decoding keeps a KV cache so each new token costs one
+position of work instead of re-running the whole context; with targets, the loss is
+computed without materialising the logits (LinearCrossEntropy).
 
 This file imports nothing else from the project, so it can be copied into a notebook.
 """
