@@ -40,9 +40,12 @@ import re
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script
+from local_server import LocalServer  # noqa: E402
 
 REPO_TYPES = ("models", "datasets", "spaces")
 LFS_SUFFIXES = {".parquet", ".safetensors", ".bin", ".pt", ".arrow"}
@@ -57,16 +60,7 @@ class HubError(Exception):
         self.status, self.code, self.headers = status, code, headers or {}
 
 
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        # A client that hung up mid-download (a test interrupting it) is no server failure.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class HubServer:
+class HubServer(LocalServer):
     def __init__(self, root, token=None, page_size=1000, port=0):
         self.root = Path(root)
         self.token = token
@@ -78,27 +72,11 @@ class HubServer:
         self.bytes_sent = {}       # (repo id, path in repo) -> bytes of content sent
         self.lock = threading.Lock()
         self._hashes = {}          # (file, size, mtime) -> (sha256, git blob sha1)
-        self.httpd = QuietServer(("127.0.0.1", port), _handler_class(self))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serve(_handler_class(self), port)
 
     @property
     def url(self):
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        return self.root_url
 
     def downloads_of(self, path_in_repo):
         """How many GETs of a file's bytes arrived (any repo, any revision)."""

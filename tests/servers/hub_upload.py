@@ -24,40 +24,27 @@ import json
 import re
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script
+from local_server import LocalServer  # noqa: E402
 
 REPO_PATH = re.compile(r"^/api/models/([\w.-]+/[\w.-]+)(?:/(preupload|commit)/([^/?]+))?$")
 
 
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class HubUploadServer:
+class HubUploadServer(LocalServer):
     def __init__(self, token, port=0):
         self.token = token
         self.repos = {}      # repo id -> {"private": bool, "files": {path: bytes}, "commits": [summary]}
         self.requests = []   # (method, path) in arrival order
         self.authorizations = set()
         self.lock = threading.Lock()
-        self.httpd = QuietServer(("127.0.0.1", port), self._handler_class())
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serve(self._handler_class(), port)
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return self.root_url
 
     # --- the API, one method per endpoint; each returns (status, JSON body) ---
 

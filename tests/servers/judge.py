@@ -26,7 +26,11 @@ import re
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script
+from local_server import LocalServer  # noqa: E402
 
 REFERENCE = re.compile(r"and correct output `(.*?)`, score the model response", re.DOTALL)
 SCRIPT = re.compile(r"\[judge ([^\]]*)\]")
@@ -38,14 +42,7 @@ def script_of(prompt):
     return tag.group(1).split() if tag else ["reply:50"]
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        # A client that hung up (its run was cancelled) is no failure of the server.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class JudgeServer:
+class JudgeServer(LocalServer):
     def __init__(self, api_key=None, models=("gpt-5.1",), delay=0.0, list_models=True, port=0):
         self.api_key = api_key
         self.models = list(models)
@@ -57,21 +54,11 @@ class JudgeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
-        self.httpd = QuietServer(("127.0.0.1", port), self._handler_class())
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serve(self._handler_class(), port)
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return f"{self.root_url}/v1"
 
     def next_step(self, prompt):
         with self.lock:
