@@ -436,10 +436,7 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     init_from = (initial_weights_file(run_dir, train_config, model_config)
                  if train_config.init_from is not None and resume_from is None else None)
     device = choose_device(device_name, ranks)
-    if device.type == "cuda":
-        # fp32 matmuls (the fp32 dtype, and what autocast leaves in fp32) on tensor cores.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    devices.enable_tf32(device)
     dtype_name = train_config.dtype or devices.default_dtype_name(device)
     if dtype_name == "bf16" and not devices.supports_bf16(device):
         raise ConfigError(f"{run_dir / 'train.json'}: key 'dtype' is \"bf16\", which {device} "

@@ -77,9 +77,7 @@ def main(batch, repeats, dtype_name, device_name, use_compile):
     dtype_name = dtype_name or devices.default_dtype_name(device)
     naive_dtype = "fp16" if device.type == "cuda" else dtype_name
     use_compile = device.type == "cuda" if use_compile is None else use_compile
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    devices.enable_tf32(device)
 
     torch.manual_seed(0)
     naive = NaiveGPTModel(SEED_163M).to(device)
