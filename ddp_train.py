@@ -363,10 +363,16 @@ def validation_loss(model, val_batches, ranks: Ranks, device, autocast) -> float
     computing a share (batches rank, rank + W, ...) and one all-reduce joining them."""
     model.eval()
     losses = torch.zeros(len(val_batches), device=device)
-    for index in range(ranks.rank, len(val_batches), ranks.world_size):
-        inputs, targets = to_device(val_batches[index], device)
+    # Every rank runs the same number of forward passes: under FSDP each one all-gathers
+    # the weights with every other rank, so a rank with one batch fewer would hang the
+    # rest. The last round's spare ranks recompute batch 0 and drop the result.
+    for first in range(0, len(val_batches), ranks.world_size):
+        index = first + ranks.rank
+        inputs, targets = to_device(val_batches[index if index < len(val_batches) else 0], device)
         with autocast:
-            losses[index] = batch_loss(model, inputs, targets)
+            loss = batch_loss(model, inputs, targets)
+        if index < len(val_batches):
+            losses[index] = loss
     all_reduce_sum(losses, ranks)  # each entry is non-zero on one rank only: sums are exact
     model.train()
     # Added up in batch order in Python floats, as the original did batch by batch.

@@ -19,9 +19,10 @@ SCRIPT = PROJECT_ROOT / "ddp_train.py"
 MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
          "drop_rate": 0.0, "qkv_bias": False}
 # 2 ranks x 2 sequences x 16 tokens = 64 tokens a global step: 256 tokens make 4 steps,
-# checkpoints at steps 0, 2 and 3.
+# checkpoints at steps 0, 2 and 3. 3 validation batches on 2 ranks: one rank has a spare
+# round, which FSDP must still run in step with the other.
 TRAIN = {"dataset": "toy", "min_train_tokens": 256, "start_train_token": 0, "start_val_token": 0,
-         "minibatch_size": 2, "validation_interval": 2, "validation_batches": 2,
+         "minibatch_size": 2, "validation_interval": 2, "validation_batches": 3,
          "learning_rate": 0.01, "warmup_steps": 1, "lr_schedule": "cosine", "min_learning_rate": 0.001,
          "grad_clip": 0.5, "dtype": "fp32", "seed": 7}
 
