@@ -48,11 +48,21 @@ def download(url, path, timeout=60):
             f"download it yourself and pass --data PATH"
         ) from None
     parse_records(payload, f"{url}")  # refuse to save something we couldn't use
+    try:
+        write_atomically(path, payload)
+    except OSError as error:
+        raise InstructionDataError(f"{path}: cannot write the downloaded data ({error.strerror})") from None
+
+
+def write_atomically(path, payload: bytes) -> None:
+    """Write to a hidden temporary file beside path, then rename it over path: an
+    interrupted write never leaves half a file under the final name."""
+    path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(payload)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; this is an ordinary data file
+        os.chmod(temporary, 0o644)  # mkstemp makes it owner-only; this is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

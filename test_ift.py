@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -155,18 +154,12 @@ def generate_responses(model, prompts, max_new_tokens, batch_size, device, dtype
 # --- the results file ---
 
 def write_results(path, results):
-    """Write to a temporary file, then rename: an interrupted write never leaves half a file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    """Replace the results file in one step: an interrupted write never leaves half a file."""
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(results, file, indent=2, ensure_ascii=False)
-            file.write("\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        instruction_data.write_atomically(path, text.encode("utf-8"))
+    except OSError as error:
+        raise click.BadParameter(f"cannot write {path} ({error.strerror})", param_hint="--results") from None
 
 
 def read_results(path):
@@ -314,6 +307,9 @@ def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, 
     results_path = Path(results)
     if not results_path.parent.is_dir():
         raise click.BadParameter(f"directory {results_path.parent} does not exist",
+                                 param_hint="--results")
+    if not os.access(results_path.parent, os.W_OK):  # found now, not after hours of work
+        raise click.BadParameter(f"directory {results_path.parent} is not writable",
                                  param_hint="--results")
     # Everything that can fail fast does, before the long work: the key first.
     settings = None if no_judge else judge.settings_from_environment(

@@ -1,8 +1,7 @@
 """Instruction records: file checks, download, the seed's split, prompt format and collate rules."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 import tokenizer
 from instruction_data import (IGNORE_INDEX, InstructionDataError, collate, extract_response,
                               format_prompt, format_training_text, load_records, split_records)
+from servers.local_server import LocalServer
 
 EOT = tokenizer.END_OF_TEXT_ID
 RECORDS = [{"instruction": "Say hi.", "input": "", "output": "Hi."},
@@ -88,7 +88,7 @@ def test_bad_files_name_the_file_record_and_key(tmp_path, content, message):
     assert str(path) in error.value.message and message in error.value.message
 
 
-class FileServer:
+class FileServer(LocalServer):
     """Serves one payload at /instruction-data.json on 127.0.0.1 and counts the requests."""
 
     def __init__(self, payload):
@@ -109,16 +109,8 @@ class FileServer:
                 self.end_headers()
                 self.wfile.write(outer.payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/instruction-data.json"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
+        self.url = f"{self.root_url}/instruction-data.json"
 
 
 def test_downloads_when_missing_and_only_then(tmp_path):
@@ -141,3 +133,12 @@ def test_failed_download_leaves_no_file(tmp_path, payload, route, message):
             load_records(path, server.url.replace("/instruction-data.json", route))
     assert message in error.value.message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_cannot_be_saved_is_one_line(tmp_path):
+    path = tmp_path / "no-such-folder" / "instruction-data.json"
+    with FileServer(json.dumps(RECORDS).encode()) as server:
+        with pytest.raises(InstructionDataError) as error:
+            load_records(path, server.url)
+    assert error.value.message.startswith(f"{path}: cannot write the downloaded data (")
+    assert not path.parent.exists()

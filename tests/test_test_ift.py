@@ -181,6 +181,21 @@ def small_batches(count):
             for i in range(0, 4 * count, 4)]
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists() or os.geteuid() != 0,
+                    reason="needs Linux's /proc, writable to root only")
+def test_results_that_cannot_be_written_are_one_line(stopping_checkpoint):
+    # /proc passes the up-front checks (it exists; root may write to it) but takes no new
+    # files: the write itself fails, after the generation.
+    directory, _, _ = stopping_checkpoint
+    results = Path("/proc/test-ift-results.json")
+    result = run_ift(directory / "model.json", directory / "model.safetensors",
+                     "--data", directory / "instructions.json", "--max-epochs", 0, "--no-judge",
+                     "--max-new-tokens", 2, "--results", results, "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"Error: Invalid value for --results: cannot write {results} (")
+
+
 def test_early_stopping_restores_a_copy_of_the_best_epochs_weights():
     """Validation loss falls for two epochs, then rises: the weights must go back to epoch 2."""
     torch.manual_seed(0)
