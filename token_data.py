@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import warnings
+import weakref
 from pathlib import Path
 
 import click
@@ -96,7 +97,9 @@ class TokenBatches:
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.seq_length = seq_length
-        self._file = None               # opened on first read, in the process that reads
+        # Opened now, with the memory map, so both see the same file; closed with us.
+        self._file = open(path, "rb")
+        weakref.finalize(self, self._file.close)
 
     def __len__(self):
         return self.num_batches
@@ -105,11 +108,12 @@ class TokenBatches:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch {index} out of range (0..{self.num_batches - 1})")
         batch_tokens = self.batch_size * self.seq_length
-        if self._file is None:
-            self._file = open(self.path, "rb")
         item_size = self.tokens.dtype.itemsize
         raw = os.pread(self._file.fileno(), (batch_tokens + 1) * item_size,
                        self.file_offset + index * batch_tokens * item_size)
+        if len(raw) != (batch_tokens + 1) * item_size:
+            raise DatasetError(f"{self.path}: batch {index} is past the end of the file: "
+                               f"it was truncated after it was opened")
         chunk = torch.from_numpy(np.frombuffer(raw, dtype=self.tokens.dtype).astype(np.int64))
         x = chunk[:-1].view(self.batch_size, self.seq_length)
         y = chunk[1:].view(self.batch_size, self.seq_length)

@@ -293,3 +293,14 @@ def test_reading_batches_does_not_grow_resident_memory(tmp_path):
         assert torch.equal(x.flatten(), tokens[start:start + 256].long())
         assert torch.equal(y.flatten(), tokens[start + 1:start + 257].long())
     assert file_backed_resident_kib() - before < 1024
+
+
+def test_a_split_truncated_after_opening_is_one_line_not_a_crash(tmp_path):
+    path = write_split(tmp_path, "train", torch.arange(1000, dtype=torch.int32))
+    batches = load_dataset(tmp_path, "train", -1, 0, 1, 2, 8)
+    assert batches[len(batches) - 1][0].numel() == 16
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size - 400 * 4)  # as a download or copy still in progress
+    with pytest.raises(DatasetError, match=r"batch 61 is past the end of the file"):
+        batches[61]
+    assert batches[0][0].flatten().tolist() == list(range(16))
