@@ -14,6 +14,10 @@ The output is deterministic for a given Python version: files are read in sorted
 documents shuffled with a fixed seed. One pass over the standard library gives roughly
 3 MB of text (about a million GPT-2 tokens); --megabytes repeats the collection, in a new
 order each pass, to make a bigger corpus for benchmarks.
+
+The corpus replaces the whole sample/10BT folder, so the folder may hold only parquet
+files: if anything else is in it (notes, a subfolder, a hidden file) the script refuses,
+with or without --force, rather than delete what it did not write.
 """
 
 import ast
@@ -160,8 +164,35 @@ def corpus_rows(documents, megabytes):
             return
 
 
+def check_replaceable(folder: Path, force: bool):
+    """Raise unless writing the corpus to `folder` (a swap of the whole folder) loses nothing
+    the user did not ask to lose: parquet files only with --force, and nothing else at all."""
+    if folder.is_symlink():
+        raise click.ClickException(f"{folder} is a symbolic link; the corpus would replace it, "
+                                   f"so give the real directory's OUTPUT_DIR")
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"{folder} exists and is not a directory")
+    if not folder.is_dir():
+        return
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        raise click.ClickException(f"cannot read {folder}: {error.strerror}") from None
+    others = [path for path in entries if path.suffix != ".parquet" or path.is_symlink()
+              or not path.is_file()]
+    if others:
+        raise click.ClickException(
+            f"{folder} holds {others[0].name}, which is not a parquet file; the corpus replaces "
+            f"the whole folder, so move it elsewhere (--force replaces only parquet files)")
+    if entries and not force:
+        raise click.ClickException(f"{folder} already holds {len(entries)} parquet file(s); "
+                                   f"pass --force to replace them")
+
+
 def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
-    """Write rows into 000_00000.parquet, 001_00000.parquet, ... (FineWeb's naming)."""
+    """Write rows into 000_00000.parquet, 001_00000.parquet, ... (FineWeb's naming).
+
+    Returns (documents, bytes of text) for each file written."""
     schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("url", pa.string())])
     written, file_number, batch = [], 0, []
 
@@ -171,7 +202,7 @@ def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
                           "url": [r[1] for r in batch]}, schema=schema)
         path = folder / f"{file_number:03d}_00000.parquet"
         pq.write_table(table, path, row_group_size=rows_per_group)
-        written.append((path, len(batch), sum(len(r[2].encode("utf-8")) for r in batch)))
+        written.append((len(batch), sum(len(r[2].encode("utf-8")) for r in batch)))
         file_number += 1
         batch = []
 
@@ -197,31 +228,33 @@ def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
               default=None, help="Where to look for modules and text files  [default: this "
                                  "Python's standard library]")
 @click.option("--force", is_flag=True,
-              help="Replace a corpus already in OUTPUT_DIR/sample/10BT (once the new one is complete).")
+              help="Replace a corpus already in OUTPUT_DIR/sample/10BT (once the new one is "
+                   "complete). Only parquet files are replaced: a folder holding anything else "
+                   "is refused, --force or not.")
 def main(output_dir, megabytes, documents_per_file, rows_per_group, source, force):
     """Write a FineWeb-shaped corpus of standard-library text to OUTPUT_DIR/sample/10BT/*.parquet.
 
     OUTPUT_DIR defaults to ./sample-corpus."""
     folder = output_dir / SAMPLE_FOLDER
-    if folder.exists() and not folder.is_dir():
-        raise click.ClickException(f"{folder} exists and is not a directory")
-    existing = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if existing and not force:
-        raise click.ClickException(f"{folder} already holds {len(existing)} parquet file(s); "
-                                   f"pass --force to replace them")
+    check_replaceable(folder, force)
     source = source or stdlib_directory()
     documents = collect_documents(source)
     if not documents:
         raise click.ClickException(f"found no documentation text under {source}")
     # Written beside the final folder and swapped in when complete: an interrupted run
     # leaves no half-corpus under sample/10BT, and --force keeps the old one until then.
-    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot create directory {error.filename or staging}: {error.strerror}") from None
     try:
         written = write_parquet_files(corpus_rows(documents, megabytes), staging,
                                       documents_per_file, rows_per_group)
+        check_replaceable(folder, force)  # again: files may have arrived while we wrote
         if folder.exists():
             replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
             os.replace(folder, replaced)
@@ -231,9 +264,8 @@ def main(output_dir, megabytes, documents_per_file, rows_per_group, source, forc
             os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    written = [(folder / path.name, count, size) for path, count, size in written]
-    total_documents = sum(count for _, count, _ in written)
-    total_bytes = sum(size for _, _, size in written)
+    total_documents = sum(count for count, _ in written)
+    total_bytes = sum(size for _, size in written)
     print(f"{folder}: {len(written)} parquet file(s), {total_documents:,} documents, "
           f"{total_bytes / 1e6:,.1f} MB of text from {len(documents):,} distinct documents "
           f"of {source}")

@@ -329,7 +329,11 @@ def main(input_dataset_dir, output_dataset_dir, files_pattern, text_column, work
                    f"rounds to all of them", err=True)
 
     created_output_dir = not output_dataset_dir.exists()
-    output_dataset_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dataset_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PrepareError(f"cannot create directory {error.filename or output_dataset_dir}: "
+                           f"{error.strerror}") from None
     remove_stale_partials(output_dataset_dir)
     # `kill` (SIGTERM) cleans up as Ctrl-C does.
     previous_sigterm_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -390,3 +390,75 @@ def test_sample_corpus_is_deterministic(tmp_path):
     assert table.column("id").to_pylist() == [row_id for row_id, _, _ in expected]
     assert table.column("url").to_pylist() == [url for _, url, _ in expected]
     assert "python-stdlib:email" in table.column("url").to_pylist()
+
+
+def test_prepare_into_a_directory_under_a_file_is_one_line(tmp_path):
+    write_parquet(tmp_path / "in" / "sample" / "10BT" / "a.parquet", real_documents(200), 50)
+    (tmp_path / "a-file").write_text("keep me")
+    result = run_prepare("in", "a-file/out", "--workers", 1, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: cannot create directory a-file/out: Not a directory"
+    assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def small_corpus(*arguments, cwd):
+    """make_sample_corpus.py on one small package of the standard library: quick."""
+    import make_sample_corpus
+
+    return make_corpus(*arguments, "--source", make_sample_corpus.stdlib_directory() / "email",
+                       cwd=cwd)
+
+
+@pytest.mark.parametrize("other, is_folder", [
+    ("notes.txt", False), (".hidden", False), ("old", True), ("dir.parquet", True),
+])
+def test_sample_corpus_never_deletes_what_it_did_not_write(tmp_path, other, is_folder):
+    folder = tmp_path / "corpus" / "sample" / "10BT"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["old corpus"]}), folder / "000_00000.parquet")
+    if is_folder:
+        (folder / other).mkdir()
+    else:
+        (folder / other).write_text("my notes")
+    before = sorted(os.listdir(folder))
+
+    for arguments in ((), ("--force",)):
+        refused = small_corpus("corpus", *arguments, cwd=tmp_path)
+        assert refused.returncode == 1
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "which is not a parquet file" in lines[0], refused.stderr
+        assert lines[0].startswith(f"Error: corpus/sample/10BT holds {other}, ")
+        assert sorted(os.listdir(folder)) == before
+        assert sorted(os.listdir(folder.parent)) == ["10BT"]  # no staging left behind
+
+
+def test_sample_corpus_force_replaces_only_parquet_files(tmp_path):
+    folder = tmp_path / "corpus" / "sample" / "10BT"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["old corpus"]}), folder / "000_00000.parquet")
+    pq.write_table(pa.table({"text": ["older corpus"]}), folder / "zzz.parquet")
+
+    refused = small_corpus("corpus", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("Error: corpus/sample/10BT already holds 2 parquet file(s); "
+                                      "pass --force to replace them")
+    replaced = small_corpus("corpus", "--force", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert "zzz.parquet" not in os.listdir(folder)
+    assert "old corpus" not in pq.read_table(folder / "000_00000.parquet").column("text").to_pylist()
+    assert sorted(os.listdir(folder.parent)) == ["10BT"]
+
+
+def test_sample_corpus_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("keep me")
+    result = small_corpus("a-file/corpus", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("Error: cannot create directory a-file/corpus/sample: "
+                                     "Not a directory")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "sample").write_text("keep me too")
+    result = small_corpus("corpus", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: cannot create directory corpus/sample: File exists"
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    assert (tmp_path / "corpus" / "sample").read_text() == "keep me too"
