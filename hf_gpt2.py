@@ -25,6 +25,7 @@ import click
 import torch
 
 import tokenizer
+import checkpointing
 from checkpointing import CheckpointError
 
 GPT2_MODEL_TYPE = "gpt2"
@@ -443,6 +444,13 @@ def refuse_to_overwrite(output_dir, names, overwrite):
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise click.ClickException(f"{output_dir}: exists and is not a directory")
+    # A file further up (OUTPUT_DIR under a file) would only show when the output is
+    # created, after the download and conversion: check now.
+    for parent in output_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise click.ClickException(f"{output_dir}: {parent} is not a directory")
+            break
     if overwrite:
         return
     existing = [name for name in names if (output_dir / name).exists()]
@@ -464,13 +472,16 @@ def staged_output(output_dir):
     output_dir = Path(output_dir).resolve()
     # Staged beside output_dir, not in it: a leftover from a killed process must never
     # end up inside an export (and so on the Hub with the next push).
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
-                                    dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
+                                        dir=output_dir.parent))
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot create directory {error.filename or output_dir}: {error.strerror}") from None
     # mkdtemp makes it private (0700), and safetensors writes its files 0600: give the
     # output the usual permissions, so that (say) a server run by another user can read it.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = checkpointing._UMASK
     staging.chmod(0o777 & ~umask)
     try:
         yield staging

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -496,3 +497,29 @@ def test_staged_output_leaves_nothing_behind_on_failure(tmp_path):
     assert not (tmp_path / "new").exists()
     assert os.listdir(existing) == ["model.json"] and (existing / "model.json").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["existing"]
+
+
+def test_staged_output_takes_the_umask_read_at_startup(tmp_path, monkeypatch):
+    import checkpointing
+
+    # checkpointing reads the umask once, at import; staged_output uses that value.
+    monkeypatch.setattr(checkpointing, "_UMASK", 0o027)
+    with hf_gpt2.staged_output(tmp_path / "new") as staging:
+        (staging / "model.json").write_text("{}")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "new" / "model.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_output_under_a_file_is_one_line(tmp_path, hf_checkpoint, tiny_checkpoint):
+    (tmp_path / "a-file").write_text("keep me")
+    result = invoke(import_hf.main, hf_checkpoint, tmp_path / "a-file" / "out")
+    assert_one_line_error(result, 1, f"{tmp_path}/a-file is not a directory")
+    config_path, weights_path = tiny_checkpoint
+    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "a-file" / "deeper" / "out")
+    assert_one_line_error(result, 1, f"{tmp_path}/a-file is not a directory")
+    # Had it got past that check (a race), creating the directory is one line too.
+    with pytest.raises(click.ClickException, match=f"^cannot create directory {tmp_path}/a-file: "
+                                                   f"File exists$"):
+        with hf_gpt2.staged_output(tmp_path / "a-file" / "out"):
+            pass
+    assert (tmp_path / "a-file").read_text() == "keep me"
