@@ -301,12 +301,14 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
     is_best) at it, and delete all but the newest `keep` (best and latest are kept)."""
     checkpoints_dir = Path(checkpoints_dir)
     global_step = meta["global_step"]
+    # Copied off the GPU before the try: a CUDA error here is no write failure.
+    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
     name = None
     try:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         name = _new_name(checkpoints_dir, global_step)
         partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
-        _write_files(partial, global_step, model_state, optimizer_state, scaler_state, rng_state, meta)
+        _write_files(partial, global_step, tensors, optimizer_state, scaler_state, rng_state, meta)
         final = checkpoints_dir / name
         os.rename(partial, final)
         _fsync_dir(checkpoints_dir)
@@ -320,17 +322,16 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
     except (OSError, SafetensorError, RuntimeError) as error:
         # Disk full, no permission, a network mount gone (torch.save reports those as
         # RuntimeError): whatever carries a final name is still complete.
-        raise CheckpointError(f"{checkpoints_dir}: could not write checkpoint {name or ''} "
+        raise CheckpointError(f"{checkpoints_dir}: could not write checkpoint{f' {name}' if name else ''} "
                               f"of step {global_step} ({error})") from None
     return Checkpoint(name, final, global_step, meta)
 
 
-def _write_files(partial: Path, global_step, model_state, optimizer_state, scaler_state, rng_state, meta):
+def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_state, rng_state, meta):
     """Every file of a checkpoint, into the hidden directory `partial`, synced to disk."""
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
-    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
     save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
     os.chmod(partial / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors creates it owner-only
     _fsync_file(partial / MODEL_FILE)
