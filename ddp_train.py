@@ -495,13 +495,6 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
         shard_model(model, device, dtype_name, world_size)
 
     optimizer = build_optimizer(model, train_config, device)
-    # Model FLOPs utilisation for the progress bar: the datasheet peak of a known GPU,
-    # else a matmul measured now (a CPU's practical peak).
-    flops_per_token = devices.training_flops_per_token(model_config)
-    peak_flops = None
-    if ranks.is_main:
-        peak_flops = (devices.datasheet_peak_flops(device, dtype_name)
-                      or devices.measure_matmul_flops(device, dtype_name))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16")
     if resume_state is not None:
         optimizer_path = resume_from.path / checkpointing.OPTIMIZER_FILE
@@ -545,6 +538,14 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
                   f"{total_steps:,} global steps")
         _finish(ranks)
         return
+
+    # Model FLOPs utilisation for the progress bar: the datasheet peak of a known GPU,
+    # else a matmul measured now (a CPU's practical peak).
+    flops_per_token = devices.training_flops_per_token(model_config)
+    peak_flops = None
+    if ranks.is_main:
+        peak_flops = (devices.datasheet_peak_flops(device, dtype_name)
+                      or devices.measure_matmul_flops(device, dtype_name))
 
     # --- the loop ---
     # Losses stay on the device; the host reads them only for the progress bar (about

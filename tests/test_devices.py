@@ -13,6 +13,7 @@ from gpt import GPTModel
     ("NVIDIA A100-SXM4-40GB", "bf16", 312e12),      # not the A10
     ("NVIDIA A10G", "fp16", 70e12),
     ("NVIDIA L40S", "bf16", 362e12),                # not the L4
+    ("NVIDIA L40", "bf16", 181e12),                 # not the L4 either
     ("NVIDIA L4", "bf16", 121e12),
     ("Tesla V100-SXM2-16GB", "bf16", None),         # no bf16 on Volta
     ("Tesla T4", "fp32", 8.1e12),                   # no TF32 before Ampere
