@@ -61,7 +61,7 @@ def mean_loss(model, batches, device, dtype_name):
               help="Sequences per batch.")
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Autocast precision (default: bf16 where supported, else fp16).")
+              help="Autocast precision (default: bf16 where supported, else fp16 on GPUs and fp32 on CPUs).")
 def main(datasets_dir, model_config_path, model_safetensors_path, dataset, split, start_token,
          batches, batch_size, device, dtype):
     """Print a checkpoint's mean loss (and perplexity) on a held-out slice of a token dataset."""

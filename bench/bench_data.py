@@ -184,6 +184,7 @@ def human_bytes(count):
 
 
 def print_table(headers, rows):
+    # Not timing.print_table: that module imports torch, which this process keeps out.
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     for line in [headers, ["-" * width for width in widths], *rows]:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))

@@ -16,12 +16,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devices  # noqa: E402
+from config import load_model_config  # noqa: E402
 from gpt import GPTModel, generate  # noqa: E402
 from naive_gpt import naive_generate  # noqa: E402
 from timing import alternate, print_table  # noqa: E402
 
-SEED_163M = dict(vocab_size=50257, emb_dim=768, context_length=1024, n_heads=12, n_layers=12,
-                 drop_rate=0.1, qkv_bias=False)
+SEED_163M = load_model_config(Path(__file__).resolve().parent.parent / "runs" / "163m-fineweb-edu" / "model.json")
 
 
 @click.command()

@@ -31,17 +31,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devices  # noqa: E402
-from config import validate_train_config  # noqa: E402
+from config import load_model_config, load_train_config  # noqa: E402
 from ddp_train import build_optimizer  # noqa: E402
 from gpt import GPTModel  # noqa: E402
 from naive_gpt import NaiveGPTModel  # noqa: E402
 from timing import alternate, print_table  # noqa: E402
 
-SEED_163M = dict(vocab_size=50257, emb_dim=768, context_length=1024, n_heads=12, n_layers=12,
-                 drop_rate=0.1, qkv_bias=False)
-SEED_TRAIN = validate_train_config(dict(
-    dataset="gpjt/fineweb-edu-gpt2-tokens", min_train_tokens=-1, start_train_token=0,
-    start_val_token=50000000, minibatch_size=6, validation_interval=100, validation_batches=100))
+SEED_RUN = Path(__file__).resolve().parent.parent / "runs" / "163m-fineweb-edu"
+SEED_163M = load_model_config(SEED_RUN / "model.json")
+SEED_TRAIN = load_train_config(SEED_RUN / "train.json")  # AdamW settings for build_optimizer
 
 
 def make_step(model, loss_of, optimizer, device, dtype_name, scaler, inputs, targets):

@@ -5,10 +5,7 @@ import time
 
 import torch
 
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from devices import synchronize  # the project root is on sys.path in every bench script
 
 
 def alternate(candidates, repeats, warmup=1, device=torch.device("cpu")):
