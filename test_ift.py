@@ -86,6 +86,9 @@ def fine_tune(model, optimizer, train_loader, validation_loader, device, dtype_n
         history.append((train_loss, val_loss))
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_loss)
+        if not math.isfinite(val_loss):  # no weights worth generating with (or paying a judge for)
+            raise click.ClickException(f"fine-tuning diverged: validation loss {val_loss} after "
+                                       f"epoch {epoch}; try a lower --learning-rate")
         if not val_loss < best_loss:  # it rose (or stalled): this epoch made things worse
             break
         best_loss, best_epoch = val_loss, epoch

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -232,3 +233,11 @@ def test_early_stopping_keeps_the_last_epoch_when_max_epochs_comes_first():
         on_epoch=lambda epoch, *_: snapshots.update({epoch: copy.deepcopy(model.state_dict())}))
     assert (best_epoch, epochs_run) == (2, 2) and history[1][1] < history[0][1]
     assert all(torch.equal(tensor, snapshots[2][name]) for name, tensor in model.state_dict().items())
+
+
+def test_diverged_fine_tuning_stops_with_one_line():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e12)
+    with pytest.raises(click.ClickException, match=r"fine-tuning diverged: validation loss (nan|inf) after epoch 1"):
+        test_ift.fine_tune(model, optimizer, small_batches(1), small_batches(1), torch.device("cpu"), "fp32")
