@@ -2,6 +2,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 # The project is flat (top-level modules, no package): make them importable from tests.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
@@ -12,3 +14,13 @@ if str(PROJECT_ROOT) not in sys.path:
 # send them. Handling SIGINT here makes every child start with the default again.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session")
+def datasets_dir(tmp_path_factory):
+    """DATASETS_DIR holding the toy token dataset ("dataset": "toy"); only read by the tests."""
+    from helpers import write_toy_dataset  # here, not at the top: helpers imports torch and the project
+
+    root = tmp_path_factory.mktemp("datasets")
+    write_toy_dataset(root / "toy")
+    return root

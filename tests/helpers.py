@@ -79,6 +79,13 @@ def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
                           cwd=PROJECT_ROOT, timeout=300)
 
 
+def trained(run_dir, datasets_dir, *arguments):
+    """run_training that must succeed; returns run_dir."""
+    result = run_training(run_dir, datasets_dir, *arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def write_tiny_checkpoint(directory, config, seed=0):
     """model.json + model.safetensors of a freshly initialised GPTModel; returns the model."""
     from gpt import GPTModel

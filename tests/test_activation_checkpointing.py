@@ -8,22 +8,9 @@ import torch
 import checkpointing
 import ddp_train
 from gpt import GPTModel
-from helpers import MODEL, TRAIN, final_weights, latest, make_run, run_training, write_toy_dataset
+from helpers import MODEL, TRAIN, final_weights, latest, make_run, trained
 
 DROPOUT_MODEL = {**MODEL, "drop_rate": 0.1}
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    write_toy_dataset(root / "toy")
-    return root
-
-
-def trained(run_dir, datasets_dir):
-    result = run_training(run_dir, datasets_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 @pytest.fixture(scope="module")

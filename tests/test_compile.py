@@ -6,15 +6,13 @@ model's compile-safety on a CPU in seconds; the GPU speed itself is bench/'s job
 real compiled 2-rank ddp_train.py run (inductor) checks the path users switch on.
 """
 
-import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from gpt import GPTModel
-from helpers import MODEL, TRAIN, make_run, run_training, write_toy_dataset
+from helpers import MODEL, TRAIN, final_weights, latest, make_run, run_training, write_toy_dataset
 
 CONFIG = dict(vocab_size=503, emb_dim=64, context_length=32, n_heads=4, n_layers=2,
               drop_rate=0.0, qkv_bias=False)
@@ -70,9 +68,7 @@ def test_a_compiled_two_rank_run_trains_as_the_uncompiled_one(tmp_path):
         run_dir = make_run(tmp_path / f"compile-{use_compile}", MODEL, {**TRAIN, "compile": use_compile})
         result = run_training(run_dir, datasets_dir)
         assert result.returncode == 0, result.stderr[-3000:]
-        latest = run_dir / "checkpoints" / "latest"
-        finals[use_compile] = (json.loads((latest / "meta.json").read_text()),
-                               load_file(str(latest / "model.safetensors")))
+        finals[use_compile] = (latest(run_dir).meta, final_weights(run_dir))
     (eager_meta, eager_weights), (compiled_meta, compiled_weights) = finals[False], finals[True]
     assert eager_meta["global_step"] == compiled_meta["global_step"] == 3
     assert math.isclose(compiled_meta["val_loss"], eager_meta["val_loss"], rel_tol=1e-4)

@@ -24,7 +24,7 @@ from config import TRAIN_REQUIRED, validate_train_config
 from gpt import GPTModel
 
 import helpers
-from helpers import PROJECT_ROOT, run_training, write_toy_dataset
+from helpers import PROJECT_ROOT, run_training
 
 MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
          "drop_rate": 0.1, "qkv_bias": False}
@@ -35,13 +35,6 @@ TRAIN = {"dataset": "toy", "min_train_tokens": 512, "start_train_token": 0, "sta
          "learning_rate": 0.01, "warmup_steps": 2, "lr_schedule": "cosine", "min_learning_rate": 0.001,
          "grad_clip": 0.5, "dtype": "fp32", "seed": 7, "keep_checkpoints": 2}
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    write_toy_dataset(root / "toy")
-    return root
 
 
 def make_run(path, model=None, train=None):

@@ -6,7 +6,6 @@ it is imported, and Ctrl-C is a real SIGINT.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
 from servers.hub import HubServer
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -165,12 +165,6 @@ def test_a_failed_file_is_reported_and_the_next_run_fetches_only_it(hub_root, tm
                                                      "sample/10BT/001_00000.parquet"]
 
 
-def closed_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_problems_end_in_one_line_saying_what_to_do(hub_root, tmp_path):
     work = tmp_path / "work"
     with HubServer(hub_root, token=TOKEN) as hub:
@@ -179,7 +173,7 @@ def test_problems_end_in_one_line_saying_what_to_do(hub_root, tmp_path):
         wrong_token, no_sample, unreachable, bad_option = [finish(process) for process in [
             start_download(endpoint=url, cwd=work, token="hf_wrong"),
             start_download("--sample", "350BT", endpoint=url, cwd=work),
-            start_download(endpoint=f"http://127.0.0.1:{closed_port()}", cwd=work),
+            start_download(endpoint=f"http://127.0.0.1:{free_port()}", cwd=work),
             start_download("--sample", "5BT", endpoint=url, cwd=work),
         ]]
 

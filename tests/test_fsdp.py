@@ -8,23 +8,9 @@ from click.testing import CliRunner
 import checkpointing
 import ddp_train
 from gpt import GPTModel
-from helpers import (MODEL, TRAIN, copy_run_up_to, final_weights, latest, make_run, run_training,
-                     write_toy_dataset)
+from helpers import MODEL, TRAIN, copy_run_up_to, final_weights, latest, make_run, run_training, trained
 
 FSDP = {**TRAIN, "parallelism": "fsdp"}
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    write_toy_dataset(root / "toy")
-    return root
-
-
-def trained(run_dir, datasets_dir, *arguments):
-    result = run_training(run_dir, datasets_dir, *arguments)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,14 @@
 """train.json's init_from: a fresh run starts from a model.safetensors whose sibling
 model.json matches the run's; a mismatch is one line."""
 
-import json
 
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 import checkpointing
 import ddp_train
 from gpt import GPTModel
-from helpers import MODEL, TRAIN, latest, make_run, run_training, write_toy_dataset
-
-
-def write_weights(directory, model_config, seed):
-    directory.mkdir(parents=True)
-    torch.manual_seed(seed)
-    state = GPTModel(model_config).state_dict()
-    save_file(state, str(directory / "model.safetensors"))
-    (directory / "model.json").write_text(json.dumps(model_config))
-    return state
+from helpers import MODEL, TRAIN, latest, make_run, run_training, write_tiny_checkpoint, write_toy_dataset
 
 
 def test_a_fresh_run_starts_from_the_files_weights(tmp_path):
@@ -30,7 +19,8 @@ def test_a_fresh_run_starts_from_the_files_weights(tmp_path):
     frozen = {**TRAIN, "learning_rate": 1e-30, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": None,
               "lr_schedule": "constant", "min_learning_rate": 0.0, "min_train_tokens": 64,
               "init_from": "../imported/model.safetensors"}
-    imported = write_weights(tmp_path / "imported", {**MODEL, "drop_rate": 0.1}, seed=123)
+    (tmp_path / "imported").mkdir()
+    imported = write_tiny_checkpoint(tmp_path / "imported", {**MODEL, "drop_rate": 0.1}, seed=123).state_dict()
     run_dir = make_run(tmp_path / "run", train=frozen)
     result = run_training(run_dir, tmp_path / "datasets", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,7 +35,8 @@ def test_a_fresh_run_starts_from_the_files_weights(tmp_path):
 
 
 def test_a_mismatched_model_json_is_refused_in_one_line(tmp_path):
-    write_weights(tmp_path / "imported", {**MODEL, "emb_dim": 64}, seed=0)
+    (tmp_path / "imported").mkdir()
+    write_tiny_checkpoint(tmp_path / "imported", {**MODEL, "emb_dim": 64}, seed=0)
     run_dir = make_run(tmp_path / "run", train={**TRAIN, "init_from": str(tmp_path / "imported" / "model.safetensors")})
     result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(tmp_path / "datasets"), "--device", "cpu"])
     assert result.exit_code == 1

@@ -1,11 +1,11 @@
 """The judge client against a stand-in OpenAI-compatible server on 127.0.0.1 (real HTTP, real SDK)."""
 
-import socket
 import time
 
 import pytest
 
 import judge
+from helpers import free_port
 from servers.judge import JudgeServer
 
 
@@ -99,8 +99,6 @@ def test_check_lists_models_and_catches_a_bad_key_or_address():
             judge.check(judge.JudgeSettings(base_url=server.url, api_key="wrong"))
     with JudgeServer(list_models=False) as server:  # a server without /v1/models is fine
         assert judge.check(judge.JudgeSettings(base_url=server.url)) is None
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     with pytest.raises(judge.JudgeError, match="cannot reach the judge"):
         judge.check(judge.JudgeSettings(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1))

@@ -1,6 +1,5 @@
 """test_loss.py run as users run it, on a tiny checkpoint and a local token dataset."""
 
-import json
 import math
 import os
 import re
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from devices import default_dtype_name
-from gpt import GPTModel
 from helpers import one_line_error, write_tiny_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -95,9 +93,7 @@ def test_seed_dataset_layout_and_default_precision(checkpoint, tokens):
 
 def test_token_ids_outside_the_vocabulary(tmp_path):
     small = {**CONFIG, "vocab_size": 100}
-    torch.manual_seed(0)
-    (tmp_path / "model.json").write_text(json.dumps(small))
-    save_file(GPTModel(small).state_dict(), tmp_path / "model.safetensors")
+    write_tiny_checkpoint(tmp_path, small)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     ids = torch.arange(200, dtype=torch.int32) % 100
