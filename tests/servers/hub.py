@@ -37,15 +37,16 @@ import argparse
 import hashlib
 import json
 import re
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script
-from local_server import LocalServer  # noqa: E402
+try:
+    from servers.local_server import LocalServer
+except ImportError:  # run as a script (python tests/servers/NAME.py): its folder is on sys.path
+    from local_server import LocalServer
 
 REPO_TYPES = ("models", "datasets", "spaces")
 LFS_SUFFIXES = {".parquet", ".safetensors", ".bin", ".pt", ".arrow"}

@@ -22,13 +22,13 @@ import base64
 import hashlib
 import json
 import re
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script
-from local_server import LocalServer  # noqa: E402
+try:
+    from servers.local_server import LocalServer
+except ImportError:  # run as a script (python tests/servers/NAME.py): its folder is on sys.path
+    from local_server import LocalServer
 
 REPO_PATH = re.compile(r"^/api/models/([\w.-]+/[\w.-]+)(?:/(preupload|commit)/([^/?]+))?$")
 

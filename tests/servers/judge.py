@@ -23,14 +23,14 @@ Without a tag the answer is "50". With `api_key` set, any other bearer token get
 import argparse
 import json
 import re
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script
-from local_server import LocalServer  # noqa: E402
+try:
+    from servers.local_server import LocalServer
+except ImportError:  # run as a script (python tests/servers/NAME.py): its folder is on sys.path
+    from local_server import LocalServer
 
 REFERENCE = re.compile(r"and correct output `(.*?)`, score the model response", re.DOTALL)
 SCRIPT = re.compile(r"\[judge ([^\]]*)\]")
