@@ -72,17 +72,9 @@ def draw_loss_chart(points, best_step, png_path):
 
 
 def chart_points(checkpoints_dir):
-    """The points and best step to draw for a run's checkpoints directory.
-
-    Our checkpoints carry their run's whole loss history in meta.json (so the chart
-    survives keep_checkpoints deleting old ones): `latest`'s is used. Checkpoints of
-    the original scripts don't: every complete checkpoint's meta.json is read instead.
-    """
-    latest = checkpointing.link_target(checkpoints_dir, "latest")
-    if latest is not None and isinstance(latest.meta.get("history"), list):
-        points = latest.meta["history"]
-    else:
-        points = checkpointing.loss_history(checkpoints_dir)
+    """The points and best step to draw for a run's checkpoints directory: the history
+    `latest` carries (or, for the original scripts' runs, every checkpoint's)."""
+    points = checkpointing.run_history(checkpoints_dir)
     best = checkpointing.link_target(checkpoints_dir, "best")
     best_steps = {point["global_step"] for point in points}
     best_step = best.global_step if best is not None and best.global_step in best_steps else None

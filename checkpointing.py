@@ -243,6 +243,56 @@ def history_point(meta: dict) -> dict:
         "is_best": bool(meta.get("is_best", False))}
 
 
+def run_history(checkpoints_dir, resuming_from: Checkpoint | None = None) -> list[dict]:
+    """The run's loss history up to resuming_from, or up to `latest` when that is None.
+
+    Our checkpoints carry the whole history in meta.json (so the chart survives
+    keep_checkpoints deleting old ones). The original scripts' don't: it is rebuilt
+    from every complete checkpoint's meta.json (up to resuming_from's step).
+    """
+    source = resuming_from or link_target(checkpoints_dir, "latest")
+    if source is not None and isinstance(source.meta.get("history"), list):
+        return source.meta["history"]
+    return loss_history(checkpoints_dir, up_to_step=resuming_from.global_step if resuming_from else None)
+
+
+# --- meta.json ---
+
+def checkpoint_meta(*, global_step: int, train_loss: float, val_loss: float, is_best: bool,
+                    history: list, learning_rate: float, grad_norm: float | None, tokens_seen: int,
+                    world_size: int, gradient_accumulation_steps: int, minibatch_size: int,
+                    context_length: int, dtype: str, seed: int, parallelism: str,
+                    activation_checkpointing: bool) -> dict:
+    """What a checkpoint's meta.json says. The original scripts wrote the first four
+    keys (their readers need only those); the rest lets a resume check that it
+    continues the same run (`check_resumable`), the chart survive pruning (history:
+    one {global_step, train_loss, val_loss, is_best} point per checkpoint), and a
+    person see how the checkpoint was trained."""
+    return {
+        "train_loss": train_loss, "val_loss": val_loss, "global_step": global_step,
+        "is_best": is_best, "tokens_seen": tokens_seen, "learning_rate": learning_rate,
+        "grad_norm": grad_norm, "world_size": world_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "minibatch_size": minibatch_size, "context_length": context_length,
+        "dtype": dtype, "seed": seed, "history": history, "parallelism": parallelism,
+        "activation_checkpointing": activation_checkpointing,
+    }
+
+
+def check_resumable(checkpoint: Checkpoint, *, world_size: int, gradient_accumulation_steps: int,
+                    minibatch_size: int) -> None:
+    """Refuse to resume with a data layout that would skip or repeat training batches."""
+    for key, ours in (("world_size", world_size),
+                      ("gradient_accumulation_steps", gradient_accumulation_steps),
+                      ("minibatch_size", minibatch_size)):
+        theirs = checkpoint.meta.get(key)  # absent from checkpoints written by the original scripts
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{checkpoint.path / META_FILE}: written with {key} {theirs}, this run has {ours}; "
+                f"resuming would skip or repeat training batches, so resume with the same {key}"
+            )
+
+
 # --- writing ---
 
 # Tests set CHECKPOINTING_TEST_KILL_AT=POINT@STEP to SIGKILL the saving process at a

@@ -120,17 +120,19 @@ class TokenBatches:
         return x, y
 
 
-def load_dataset(dataset_dir, split, min_tokens, start_token, world_size, minibatch_size,
+def load_dataset(dataset_dir, split, min_tokens, start_token, micro_batches_per_step, minibatch_size,
                  seq_length) -> TokenBatches:
     """The seed's token arithmetic over a memory-mapped split.
 
-    A global batch is world_size * minibatch_size * seq_length tokens. min_tokens == -1
-    takes as many whole global batches as fit after start_token; otherwise min_tokens is
-    rounded up to whole global batches. One extra token is taken for the shifted targets.
+    A global batch is micro_batches_per_step * minibatch_size * seq_length tokens (in
+    training micro_batches_per_step is world_size x gradient_accumulation_steps; the
+    seed's world_size). min_tokens == -1 takes as many whole global batches as fit after
+    start_token; otherwise min_tokens is rounded up to whole global batches. One extra
+    token is taken for the shifted targets.
     """
     path = split_path(dataset_dir, split)
     tokens = open_tokens(path)
-    global_batch = world_size * minibatch_size * seq_length
+    global_batch = micro_batches_per_step * minibatch_size * seq_length
     if start_token < 0:
         raise DatasetError(f"{path}: start token {start_token:,} is negative")
     if start_token >= len(tokens):
@@ -147,12 +149,12 @@ def load_dataset(dataset_dir, split, min_tokens, start_token, world_size, miniba
         wanted = max(wanted, global_batch + 1)
         raise DatasetError(
             f"{path}: not enough tokens: {wanted:,} wanted from token {start_token:,} "
-            f"({world_size} rank(s) x {minibatch_size} sequences x {seq_length} tokens per global "
+            f"({micro_batches_per_step} rank(s) x {minibatch_size} sequences x {seq_length} tokens per global "
             f"batch, plus one), {available:,} available"
         )
     return TokenBatches(tokens[start_token:start_token + wanted], path,
                         tokens.offset + start_token * tokens.dtype.itemsize,
-                        num_global_batches * world_size, minibatch_size, seq_length)
+                        num_global_batches * micro_batches_per_step, minibatch_size, seq_length)
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -3,8 +3,9 @@
     uv run python bench/bench_memory.py [--nproc 2] [--emb-dim 512] [--n-layers 8] ...
 
 Each of the four set-ups runs in its own `torchrun --nproc_per_node=N` job (CPU/gloo, or
-CUDA/NCCL when GPUs are present) of ddp_train.py's own pieces (build_optimizer,
-shard_model, checkpoint_activations) for a few fp32 training steps, and every rank reports:
+CUDA/NCCL when GPUs are present) of the trainer's own pieces (parallel.read_ranks,
+start_process_group and wrap_model, optimizer.build_optimizer) for a few fp32 training
+steps, and every rank reports:
 the bytes of its parameters, gradients and AdamW state (its shards under FSDP), its peak
 resident memory (ru_maxrss) and how much that grew from just before the model was built,
 and on CUDA torch.cuda.max_memory_allocated and tokens/s. A second table turns the measured
@@ -48,19 +49,16 @@ def worker(options: dict) -> None:
     """One rank of one set-up, under torchrun."""
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    import devices
     from config import validate_train_config
-    from ddp_train import build_optimizer, checkpoint_activations, shard_model
     from gpt import GPTModel
+    from optimizer import build_optimizer
+    from parallel import finish_process_group, read_ranks, start_process_group, wrap_model
 
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(devices.distributed_backend(device))
+    ranks = read_ranks()
+    rank, world_size = ranks.rank, ranks.world_size
+    device = torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    start_process_group(ranks, device)
     config = {"vocab_size": 50257, "emb_dim": options["emb_dim"], "context_length": options["context"],
               "n_heads": options["n_heads"], "n_layers": options["n_layers"], "drop_rate": 0.0,
               "qkv_bias": False}
@@ -71,13 +69,8 @@ def worker(options: dict) -> None:
     torch.manual_seed(0)
     model = GPTModel(config).to(device)
     parameter_count = sum(p.numel() for p in model.parameters())
-    if options["activation_checkpointing"]:
-        checkpoint_activations(model)
-    if options["parallelism"] == "fsdp":
-        shard_model(model, device, "fp32", world_size)
-        trained = model
-    else:
-        trained = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    trained = wrap_model(model, ranks, device, "fp32", parallelism=options["parallelism"],
+                         activation_checkpointing=options["activation_checkpointing"], compile=False).training
     optimizer = build_optimizer(model, train_config, device)
     generator = torch.Generator().manual_seed(rank)
     inputs = torch.randint(0, 50257, (options["batch"], options["context"]), generator=generator).to(device)
@@ -110,7 +103,7 @@ def worker(options: dict) -> None:
     dist.all_gather_object(everyone, report)
     if rank == 0:
         print(MARK + json.dumps(everyone), flush=True)
-    dist.destroy_process_group()
+    finish_process_group(ranks)
 
 
 def run_setup(options: dict, nproc: int) -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import checkpointing
-import ddp_train
+import parallel
 from gpt import GPTModel
 from helpers import MODEL, TRAIN, final_weights, latest, make_run, trained
 
@@ -39,7 +39,7 @@ def test_blocks_run_again_in_backward_and_keep_their_names():
     torch.manual_seed(0)
     model = GPTModel(DROPOUT_MODEL)
     names = list(model.state_dict())
-    ddp_train.checkpoint_activations(model)
+    parallel.checkpoint_activations(model)
     assert list(model.state_dict()) == names
     calls = []
     for block in model.trf_blocks:

@@ -22,6 +22,7 @@ import checkpointing
 import ddp_train
 from config import TRAIN_REQUIRED, validate_train_config
 from gpt import GPTModel
+from optimizer import learning_rate_at
 
 import helpers
 from helpers import PROJECT_ROOT, run_training
@@ -63,7 +64,7 @@ def reference_training(tokens, steps, world_size):
     losses = []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = ddp_train.learning_rate_at(step, steps, config)
+            group["lr"] = learning_rate_at(step, steps, config)
         step_losses = []
         for rank in range(world_size):
             start = (step * world_size + rank) * batch * length
@@ -300,9 +301,9 @@ def test_bad_input_in_a_real_process(tmp_path, datasets_dir):
 
 def test_learning_rate_schedule():
     seed_default = validate_train_config({key: TRAIN[key] for key in TRAIN_REQUIRED})
-    assert {ddp_train.learning_rate_at(step, 100, seed_default) for step in range(100)} == {0.0004}
+    assert {learning_rate_at(step, 100, seed_default) for step in range(100)} == {0.0004}
     cosine = validate_train_config({**TRAIN, "warmup_steps": 10, "learning_rate": 1.0, "min_learning_rate": 0.1})
-    rates = [ddp_train.learning_rate_at(step, 110, cosine) for step in range(110)]
+    rates = [learning_rate_at(step, 110, cosine) for step in range(110)]
     assert rates[:10] == pytest.approx([0.1 * (step + 1) for step in range(10)])
     assert rates[10] == 1.0 and rates[-1] == pytest.approx(0.1)
     assert rates[60] == pytest.approx(0.55, abs=0.01)

@@ -1,0 +1,224 @@
+"""How the processes of a torchrun job train one model together.
+
+torchrun starts one process per device (rank r of W in all, local rank l on its node)
+and tells each who it is through environment variables; a plain `python ddp_train.py`
+is rank 0 of 1 and needs none of this. This module owns everything that differs
+between those cases:
+
+- who we are (`Ranks`) and the process group;
+- work done once per node (fetching the dataset) while the node's other ranks wait;
+- wrapping the bare model for training: activation checkpointing, FSDP2 sharding,
+  torch.compile and DDP, in that order (`wrap_model`);
+- whether a micro-step's backward all-reduces gradients;
+- gathering what a checkpoint needs onto global rank 0: the full weights, every
+  rank's random-number generator states (and putting those back on resume).
+"""
+
+import contextlib
+import datetime
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+import devices
+
+# Newer torch renamed DDP's broadcast_buffers to forward_sync_buffers (which still syncs
+# once at start-up, harmless for constant buffers).
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+# Full (unsharded) state dicts, gathered onto rank 0's CPU.
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+# --- who we are: torchrun's environment ---
+
+@dataclass
+class Ranks:
+    rank: int = 0                 # global rank
+    local_rank: int = 0           # rank on this node; picks the GPU
+    world_size: int = 1
+    node: int = 0                 # torchrun's GROUP_RANK: which node this is
+    launched_by_torchrun: bool = False
+    setup_group: object = None    # gloo group for set-up waits and object exchanges
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.launched_by_torchrun
+
+
+def read_ranks() -> Ranks:
+    """Ranks from the variables torchrun sets; a plain `python ddp_train.py` is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Ranks()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    node = int(os.environ.get("GROUP_RANK", rank // max(1, local_world_size)))
+    return Ranks(rank, local_rank, int(os.environ["WORLD_SIZE"]), node, True)
+
+
+def start_process_group(ranks: Ranks, device: torch.device) -> None:
+    if not ranks.distributed:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=devices.distributed_backend(device),
+                            device_id=device if device.type == "cuda" else None)
+    # Set-up waits (one rank per node downloading the dataset while the others wait)
+    # can outlast NCCL's collective timeout by far, so they go through a gloo group
+    # with a long one; it also carries the small Python objects we exchange.
+    ranks.setup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+
+def finish_process_group(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier(group=ranks.setup_group)
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    if ranks.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def first_on_each_node(work, ranks: Ranks, error_type):
+    """Run work() on each node's local rank 0 while the node's other ranks wait, and
+    return its result (a string) on every rank of that node. An error_type raised on
+    any node is raised again on every rank, so they all stop with the same line."""
+    if not ranks.distributed:
+        return work()
+    result = failure = None
+    if ranks.local_rank == 0:
+        try:
+            result = work()
+        except error_type as error:
+            failure = error.message
+    everyone = [None] * ranks.world_size
+    dist.all_gather_object(everyone, (ranks.node, ranks.local_rank, result, failure),
+                           group=ranks.setup_group)
+    for _, _, _, failure in everyone:
+        if failure is not None:
+            raise error_type(failure)
+    return next(result for node, local_rank, result, _ in everyone
+                if node == ranks.node and local_rank == 0)
+
+
+# --- wrapping the model for training ---
+
+@dataclass
+class WrappedModel:
+    """The three views of one model during training."""
+    model: torch.nn.Module      # the bare GPTModel: parameters, state dicts, clipping
+    training: torch.nn.Module   # forward + backward of a micro-step go through this
+    evaluation: torch.nn.Module  # validation's forward: no gradients, so never DDP
+    autocast: object            # the context a forward runs in
+    sharded: bool               # FSDP2: each rank holds a shard of every parameter
+
+    def gradient_sync(self, final_micro_step: bool):
+        """The context for one micro-step's backward: gradients are all-reduced on the
+        last micro-step of a global step only, the others just accumulate locally."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(final_micro_step)
+            return contextlib.nullcontext()
+        if final_micro_step or not isinstance(self.training, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.training.no_sync()
+
+
+def wrap_model(model, ranks: Ranks, device: torch.device, dtype_name: str, *, parallelism: str,
+               activation_checkpointing: bool, compile: bool) -> WrappedModel:
+    """Prepare the bare model (on its device, weights loaded) for training. The order
+    matters: checkpointing wraps each block's forward before FSDP makes each block a
+    unit of sharding; compile sees the sharded model; DDP wraps the compiled one, so
+    its all-reduce hooks stay outside the compiled graph. Build the optimizer after
+    this: under FSDP it must hold the shards."""
+    if activation_checkpointing:
+        checkpoint_activations(model)
+    sharded = parallelism == "fsdp" and ranks.distributed
+    if sharded:
+        shard_model(model, device, dtype_name, ranks.world_size)
+    compiled = torch.compile(model) if compile else model
+    training = compiled
+    if ranks.distributed and not sharded:
+        # The causal-mask buffers never change: broadcasting them every step would only
+        # cost bandwidth. Gradients live in DDP's all-reduce buckets (gradient_as_bucket_view)
+        # instead of being copied in and out of them every step.
+        training = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                                           gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
+    # Under FSDP the mixed-precision policy casts the gathered weights instead.
+    autocast = contextlib.nullcontext() if sharded else devices.autocast(device, dtype_name)
+    return WrappedModel(model, training, compiled, autocast, sharded)
+
+
+def checkpoint_activations(model) -> None:
+    """Make each transformer block keep only its input during training and recompute the
+    rest in the backward pass. The blocks' forward is wrapped in place, so parameter
+    names (and checkpoints) stay the seed's. Non-reentrant checkpointing replays the
+    forward with the generator states it saw, so dropout masks are the same."""
+    def recomputed(forward, *args):
+        if not torch.is_grad_enabled():  # validation: nothing to save memory on
+            return forward(*args)
+        return checkpoint(forward, *args, use_reentrant=False)
+    for block in model.trf_blocks:
+        block.forward = functools.partial(recomputed, block.forward)
+
+
+def shard_model(model, device: torch.device, dtype_name: str, world_size: int) -> None:
+    """FSDP2: each block is one unit of sharding (gathered just before it runs, freed
+    after), then the root takes the embeddings, final norm and output head. With bf16
+    the gathered weights are bf16 for compute and gradients are reduced in fp32."""
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,))
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if dtype_name == "bf16" else MixedPrecisionPolicy())
+    for block in model.trf_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
+# --- what a checkpoint needs, gathered onto global rank 0 ---
+
+def full_model_state(wrapped: WrappedModel, ranks: Ranks) -> dict | None:
+    """The bare model's state dict on global rank 0, None elsewhere. Under FSDP it is
+    gathered from every rank's shards (a collective: every rank must call this)."""
+    if wrapped.sharded:
+        state = get_model_state_dict(wrapped.model, options=FULL_ON_CPU)
+        return state if ranks.is_main else None
+    return wrapped.model.state_dict() if ranks.is_main else None
+
+
+def rng_states(ranks: Ranks, device: torch.device) -> dict | None:
+    """Every rank's generator states, gathered on global rank 0 (None elsewhere)."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        mine["mps"] = torch.mps.get_rng_state()
+    everyone = [mine]
+    if ranks.distributed:
+        everyone = [None] * ranks.world_size if ranks.is_main else None
+        dist.gather_object(mine, everyone, dst=0, group=ranks.setup_group)
+    if not ranks.is_main:
+        return None
+    return {"world_size": ranks.world_size, **{kind: [state[kind] for state in everyone] for kind in mine}}
+
+
+def restore_rng_states(saved: dict, ranks: Ranks, device: torch.device) -> None:
+    torch.set_rng_state(saved["cpu"][ranks.rank])
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"][ranks.rank], device)
+    elif device.type == "mps" and "mps" in saved:
+        torch.mps.set_rng_state(saved["mps"][ranks.rank])
