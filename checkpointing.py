@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import safe_files
 from config import load_model_config
 from gpt import GPTModel
 
@@ -57,8 +58,6 @@ META_FILE = "meta.json"
 LINK_NAMES = ("best", "latest")
 PARTIAL_PREFIX = ".partial-"     # a checkpoint being written
 DOOMED_PREFIX = ".deleting-"     # a pruned checkpoint being removed
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 NAME_PATTERN = re.compile(r"^(?P<time>\d{8}Z\d{6})-iteration-(?P<step>\d+)$")
 
 
@@ -256,24 +255,10 @@ def _test_kill_point(point: str, global_step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new directory entry is only durable once its directory is synced.
-    _fsync_file(path)
-
-
 def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as file:
         torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())
+        safe_files.flush_to_disk(file)
 
 
 def _new_name(checkpoints_dir: Path, global_step: int) -> str:
@@ -286,12 +271,12 @@ def _new_name(checkpoints_dir: Path, global_step: int) -> str:
 
 def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
     """Make checkpoints_dir/link_name a relative symlink to target_name, atomically."""
-    temporary = checkpoints_dir / f".{link_name}.{os.getpid()}.tmp"
+    temporary = safe_files.hidden_temporary(checkpoints_dir / link_name, "tmp")
     if os.path.lexists(temporary):
         temporary.unlink()
     temporary.symlink_to(target_name, target_is_directory=True)
     os.replace(temporary, checkpoints_dir / link_name)
-    _fsync_dir(checkpoints_dir)
+    safe_files.fsync_dir(checkpoints_dir)
 
 
 def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict,
@@ -311,7 +296,7 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
         _write_files(partial, global_step, tensors, optimizer_state, scaler_state, rng_state, meta)
         final = checkpoints_dir / name
         os.rename(partial, final)
-        _fsync_dir(checkpoints_dir)
+        safe_files.fsync_dir(checkpoints_dir)
         _test_kill_point("after-rename", global_step)
         point_link(checkpoints_dir, "latest", name)
         _test_kill_point("after-latest", global_step)
@@ -333,8 +318,8 @@ def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_st
         shutil.rmtree(partial)
     partial.mkdir()
     save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
-    os.chmod(partial / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors creates it owner-only
-    _fsync_file(partial / MODEL_FILE)
+    safe_files.give_usual_permissions(partial / MODEL_FILE)  # safetensors creates it owner-only
+    safe_files.fsync_file(partial / MODEL_FILE)
     _test_kill_point("partial", global_step)
     _torch_save(optimizer_state, partial / OPTIMIZER_FILE)
     _torch_save(scaler_state, partial / SCALER_FILE)
@@ -342,9 +327,8 @@ def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_st
         _torch_save(rng_state, partial / RNG_FILE)
     with open(partial / META_FILE, "w", encoding="utf-8") as file:
         json.dump(meta, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    _fsync_dir(partial)
+        safe_files.flush_to_disk(file)
+    safe_files.fsync_dir(partial)
     _test_kill_point("before-rename", global_step)
 
 
@@ -363,7 +347,7 @@ def prune_checkpoints(checkpoints_dir, keep: int) -> list[str]:
         _test_kill_point("mid-prune", checkpoint.global_step)
         shutil.rmtree(hidden)
     if doomed:
-        _fsync_dir(checkpoints_dir)
+        safe_files.fsync_dir(checkpoints_dir)
     return [c.name for c in doomed]
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import click
 import torch
 
-import tokenizer
 import checkpointing
+import safe_files
+import tokenizer
 from checkpointing import CheckpointError
 
 GPT2_MODEL_TYPE = "gpt2"
@@ -479,14 +480,11 @@ def staged_output(output_dir):
     except OSError as error:
         raise click.ClickException(
             f"cannot create directory {error.filename or output_dir}: {error.strerror}") from None
-    # mkdtemp makes it private (0700), and safetensors writes its files 0600: give the
-    # output the usual permissions, so that (say) a server run by another user can read it.
-    umask = checkpointing._UMASK
-    staging.chmod(0o777 & ~umask)
+    safe_files.give_usual_permissions(staging)  # mkdtemp makes it 0700, safetensors its files 0600
     try:
         yield staging
         for path in staging.iterdir():
-            path.chmod(0o666 & ~umask)
+            safe_files.give_usual_permissions(path)
         if not output_dir.exists():
             os.rename(staging, output_dir)
         else:

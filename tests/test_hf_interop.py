@@ -500,10 +500,10 @@ def test_staged_output_leaves_nothing_behind_on_failure(tmp_path):
 
 
 def test_staged_output_takes_the_umask_read_at_startup(tmp_path, monkeypatch):
-    import checkpointing
+    import safe_files
 
-    # checkpointing reads the umask once, at import; staged_output uses that value.
-    monkeypatch.setattr(checkpointing, "_UMASK", 0o027)
+    # safe_files reads the umask once, at import; staged_output uses that value.
+    monkeypatch.setattr(safe_files, "_UMASK", 0o027)
     with hf_gpt2.staged_output(tmp_path / "new") as staging:
         (staging / "model.json").write_text("{}")
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750

@@ -1,0 +1,99 @@
+"""Writing files so that a crash never leaves half of one under its final name.
+
+Every writer here follows the same few rules:
+  - write under a hidden temporary name beside the target, then rename it into place:
+    a rename within one directory is atomic, so a reader sees the old file or the new
+    one, whole, and a killed process leaves at most a hidden leftover;
+  - sync the data before the rename, and the directory after it where the new name
+    must survive a power cut;
+  - files and directories get the permissions open() and mkdir() would give them
+    (0o666 and 0o777 less the umask), even where tempfile or safetensors make them
+    owner-only: a server run by another user must be able to read our output.
+
+Light on purpose (no torch, nothing of ours): every script can use it.
+"""
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+# The umask can only be read by setting it, which would race with threads creating
+# files: read it once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_usual_permissions(path) -> None:
+    """The mode open() or mkdir() would have given path, for files made owner-only."""
+    full_access = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, full_access & ~_UMASK)
+
+
+def fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path) -> None:
+    # A rename or a new directory entry is only durable once its directory is synced.
+    fsync_file(path)
+
+
+def flush_to_disk(file) -> None:
+    """Push an open file's writes through Python's buffer and the OS's cache to the disk."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def hidden_temporary(path, suffix: str) -> Path:
+    """Where path is written until it is complete: beside it, so that a rename moves it in
+    (same file system), hidden, and named after this process, so that a leftover can be
+    told from the work of a process still running."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yield a temporary path to write path's new content to; when the block succeeds,
+    that file is synced and renamed over path. Made for writers that want a path of
+    their own (savefig, say). A failure removes the temporary and leaves path as it was."""
+    path = Path(path)
+    temporary = hidden_temporary(path, "tmp")
+    try:
+        yield temporary
+        fsync_file(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_atomically(path, content: bytes | str) -> None:
+    """Replace path's content in one step (text as UTF-8): an interrupted write never
+    leaves half a file."""
+    with replacing(path) as temporary:
+        if isinstance(content, str):
+            temporary.write_text(content, encoding="utf-8")
+        else:
+            temporary.write_bytes(content)
+
+
+def replace_directory(new, old) -> None:
+    """Put the complete directory `new` in the place of `old` (which may not exist yet).
+
+    A directory can't be renamed over a non-empty one, so the old one is renamed out of
+    the way first and removed last: a crash in between leaves it hidden beside the new
+    one, never a mix of the two.
+    """
+    new, old = Path(new), Path(old)
+    if not old.exists():
+        os.replace(new, old)
+        return
+    aside = hidden_temporary(old, "replaced")
+    os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside)
