@@ -15,6 +15,7 @@ import click
 from safetensors.torch import save_file
 
 import hf_gpt2
+import safe_files
 import tokenizer
 from checkpointing import read_weights
 from config import read_json_object, validate_model_config
@@ -189,7 +190,7 @@ def main(model_config_path, model_safetensors_path, output_dir, repo_id, private
     if repo_id is not None:
         check_repo_id(repo_id)  # before the export, not after it
     output_dir = Path(output_dir)
-    hf_gpt2.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
+    safe_files.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
     cfg = load_gpt2_expressible_config(model_config_path)
     weights = load_checked_weights(model_safetensors_path, cfg)
 
@@ -199,7 +200,7 @@ def main(model_config_path, model_safetensors_path, output_dir, repo_id, private
     card_name = repo_id or output_dir.resolve().name
     facts = checkpoint_facts(model_safetensors_path)
 
-    with hf_gpt2.staged_output(output_dir) as staging:
+    with safe_files.staged_output(output_dir) as staging:
         # transformers reads the "format" entry to know these are PyTorch tensors.
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         for file_name, content in (

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import hf_gpt2
+import safe_files
 from config import read_json_object, validate_model_config
 
 OUTPUT_FILES = ("model.json", "model.safetensors")
@@ -115,7 +116,7 @@ def resolve_source(hf_model):
               help="Replace model.json / model.safetensors already in OUTPUT_DIR.")
 def main(hf_model, output_dir, overwrite):
     output_dir = Path(output_dir)
-    hf_gpt2.refuse_to_overwrite(output_dir, OUTPUT_FILES, overwrite)
+    safe_files.refuse_to_overwrite(output_dir, OUTPUT_FILES, overwrite)
     source, from_hub = resolve_source(hf_model)
 
     config_path = source / "config.json"
@@ -132,7 +133,7 @@ def main(hf_model, output_dir, overwrite):
     del tensors
     cfg = validate_model_config(cfg, config_path)
 
-    with hf_gpt2.staged_output(output_dir) as staging:
+    with safe_files.staged_output(output_dir) as staging:
         save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "model.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 

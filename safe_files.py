@@ -16,7 +16,10 @@ Light on purpose (no torch, nothing of ours): every script can use it.
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+import click
 
 # The umask can only be read by setting it, which would race with threads creating
 # files: read it once, at import.
@@ -97,3 +100,59 @@ def replace_directory(new, old) -> None:
     os.replace(old, aside)
     os.replace(new, old)
     shutil.rmtree(aside)
+
+
+# --- output directories of the command-line scripts ---
+
+def refuse_to_overwrite(output_dir, names, overwrite):
+    """Raise unless none of `names` exists in output_dir (or overwrite is set)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise click.ClickException(f"{output_dir}: exists and is not a directory")
+    # A file further up (OUTPUT_DIR under a file) would only show when the output is
+    # created, after the download and conversion: check now.
+    for parent in output_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise click.ClickException(f"{output_dir}: {parent} is not a directory")
+            break
+    if overwrite:
+        return
+    existing = [name for name in names if (output_dir / name).exists()]
+    if existing:
+        raise click.ClickException(
+            f"{output_dir / existing[0]} already exists; pass --overwrite to replace it"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(output_dir):
+    """Yield an empty staging directory; when the block succeeds, move its files into output_dir.
+
+    Until then nothing exists under the final names, so a failure or Ctrl-C leaves
+    output_dir as it was. A new output_dir appears in one rename; into an existing one
+    each file is moved with an atomic replace (same file system: the staging directory
+    is a sibling).
+    """
+    output_dir = Path(output_dir).resolve()
+    # Staged beside output_dir, not in it: a leftover from a killed process must never
+    # end up inside an export (and so on the Hub with the next push).
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
+                                        dir=output_dir.parent))
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot create directory {error.filename or output_dir}: {error.strerror}") from None
+    give_usual_permissions(staging)  # mkdtemp makes it 0700, safetensors its files 0600
+    try:
+        yield staging
+        for path in staging.iterdir():
+            give_usual_permissions(path)
+        if not output_dir.exists():
+            os.rename(staging, output_dir)
+        else:
+            for path in sorted(staging.iterdir()):
+                os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
