@@ -153,7 +153,7 @@ def check_repo_id(repo_id):
     try:
         validate_repo_id(repo_id)
     except ValueError as error:
-        raise click.BadParameter(hf_gpt2.first_line(error), param_hint="--push-to-hub") from None
+        raise click.BadParameter(safe_files.first_line(error), param_hint="--push-to-hub") from None
 
 
 def push_to_hub(output_dir, repo_id, private):
@@ -170,7 +170,7 @@ def push_to_hub(output_dir, repo_id, private):
     # id) and changes them between releases; each ends here as one line.
     except Exception as error:
         raise click.ClickException(
-            f"pushing {output_dir} to the Hub repo '{repo_id}' failed: {hf_gpt2.first_line(error)}"
+            f"pushing {output_dir} to the Hub repo '{repo_id}' failed: {safe_files.first_line(error)}"
         ) from None
     return commit.commit_url
 

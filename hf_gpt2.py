@@ -39,12 +39,6 @@ class HFFormatError(click.ClickException):
     """A model that can't be converted (not GPT-2-shaped, missing or mis-shaped tensors)."""
 
 
-def first_line(error):
-    """An exception as one line, for errors from libraries whose messages run long."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 def causal_mask(context_length):
     """The buffer the seed's attention saves in every checkpoint (1 above the diagonal)."""
     return torch.triu(torch.ones(context_length, context_length), diagonal=1)

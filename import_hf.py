@@ -48,7 +48,7 @@ def download_from_hub(repo_id):
     # disk) and changes them between releases; each ends here as one line.
     except Exception as error:
         raise click.ClickException(
-            f"{repo_id}: download from the Hugging Face Hub failed: {hf_gpt2.first_line(error)}"
+            f"{repo_id}: download from the Hugging Face Hub failed: {safe_files.first_line(error)}"
         ) from None
 
 
@@ -60,7 +60,7 @@ def _read_one_file(path):
         tensors = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as error:
         raise hf_gpt2.HFFormatError(
-            f"{path}: not a readable weights file ({hf_gpt2.first_line(error)})") from None
+            f"{path}: not a readable weights file ({safe_files.first_line(error)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise hf_gpt2.HFFormatError(f"{path}: expected a dict of tensors (a state dict)")
     return tensors
@@ -82,7 +82,7 @@ def read_transformers_weights(directory, allow_pickle):
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
                 raise hf_gpt2.HFFormatError(
-                    f"{directory / index}: not a readable shard index ({hf_gpt2.first_line(error)})"
+                    f"{directory / index}: not a readable shard index ({safe_files.first_line(error)})"
                 ) from None
             tensors = {}
             for shard in shards:

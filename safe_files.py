@@ -156,3 +156,10 @@ def staged_output(output_dir):
                 os.replace(path, output_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line, for errors from libraries whose messages run long: a
+    script's error is one line on stderr."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
