@@ -12,7 +12,6 @@ The tokenizer files are derived from the vendored rank file, so nothing is downl
 This module does the mapping only; export_hf.py and import_hf.py do the I/O around it.
 """
 
-import functools
 import json
 import re
 from pathlib import Path
@@ -328,70 +327,11 @@ def model_config_from_transformers(hf_config, path):
 
 # --- tokenizer files ---
 
-def byte_to_unicode():
-    """GPT-2's reversible map of the 256 byte values to printable characters.
-
-    Printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) take
-    the characters from U+0100 on, in byte order. vocab.json and merges.txt spell
-    tokens this way, so every token is a string without spaces or control characters.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    next_free = 256
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(next_free)
-            next_free += 1
-    return mapping
-
-
-def _merge_that_made(token, rank, ranks):
-    """The two tokens whose merge produced `token`: BPE on its bytes with only older ranks."""
-    parts = [bytes([byte]) for byte in token]
-    while len(parts) > 2:
-        best_rank, best_at = None, None
-        for i in range(len(parts) - 1):
-            pair_rank = ranks.get(parts[i] + parts[i + 1])
-            if pair_rank is not None and pair_rank < rank and (best_rank is None or pair_rank < best_rank):
-                best_rank, best_at = pair_rank, i
-        if best_at is None:
-            break
-        parts[best_at:best_at + 2] = [parts[best_at] + parts[best_at + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two older tokens")
-    return parts
-
-
-@functools.cache
-def gpt2_vocab_and_merges():
-    """(vocab, merges) in the byte-to-unicode spelling, rebuilt from the BPE ranks.
-
-    The rank file lists each token with its rank, which is its id. Token 256+n was
-    made by merge n, so the merges come out in order by splitting each token with BPE
-    restricted to lower ranks.
-    """
-    ranks = tokenizer.get_tokenizer()._mergeable_ranks
-    to_unicode = byte_to_unicode()
-
-    def spell(token_bytes):
-        return "".join(to_unicode[byte] for byte in token_bytes)
-
-    vocab, merges = {}, []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        vocab[spell(token)] = rank
-        if len(token) > 1:
-            first, second = _merge_that_made(token, rank, ranks)
-            merges.append((spell(first), spell(second)))
-    vocab[tokenizer.END_OF_TEXT] = tokenizer.END_OF_TEXT_ID
-    return vocab, merges
-
-
 def write_tokenizer_files(directory, model_max_length):
     """vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, and
     tokenizer.json when the `tokenizers` library is installed. Returns the names written."""
     directory = Path(directory)
-    vocab, merges = gpt2_vocab_and_merges()
+    vocab, merges = tokenizer.gpt2_vocab_and_merges()
     eot = tokenizer.END_OF_TEXT
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text(
