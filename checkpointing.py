@@ -72,20 +72,29 @@ def read_weights(path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict, path) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():
+def check_state_dict(state_dict: dict, shapes: dict, path, may_be_missing=()) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
+
+    `shapes` maps every tensor name of the model to its shape: read off a model, or
+    worked out from its config where building the model just to check would be slow.
+    """
+    for key, shape in shapes.items():
         if key not in state_dict:
+            if key in may_be_missing:
+                continue
             raise CheckpointError(f"{path}: tensor '{key}' is missing")
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+        if tuple(state_dict[key].shape) != tuple(shape):
             raise CheckpointError(
                 f"{path}: tensor '{key}' has shape {tuple(state_dict[key].shape)}, "
-                f"but the model config needs {tuple(tensor.shape)}"
+                f"but the model config needs {tuple(shape)}"
             )
     for key in state_dict:
-        if key not in expected:
+        if key not in shapes:
             raise CheckpointError(f"{path}: unexpected tensor '{key}' for this model config")
+
+
+def model_shapes(model: torch.nn.Module) -> dict:
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
 def load_weights_into(model: GPTModel, weights_path) -> None:
@@ -95,7 +104,7 @@ def load_weights_into(model: GPTModel, weights_path) -> None:
     for key, buffer in model.state_dict().items():
         if key.endswith(".att.mask") and key not in state_dict:
             state_dict[key] = buffer
-    check_state_dict(model, state_dict, weights_path)
+    check_state_dict(state_dict, model_shapes(model), weights_path)
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 import torch
 
+import checkpointing
 import tokenizer
-from checkpointing import CheckpointError
 
 GPT2_MODEL_TYPE = "gpt2"
 # The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key
@@ -215,20 +215,9 @@ def check_our_tensors(state_dict, cfg, path):
 
     The mask buffers may be missing: every reader rebuilds them.
     """
-    expected = our_shapes(cfg)
-    for name, shape in expected.items():
-        if name not in state_dict:
-            if name.endswith(".att.mask"):
-                continue
-            raise CheckpointError(f"{path}: tensor '{name}' is missing")
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' has shape {tuple(state_dict[name].shape)}, "
-                f"but the model config needs {shape}"
-            )
-    for name in state_dict:
-        if name not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor '{name}' for this model config")
+    shapes = our_shapes(cfg)
+    masks = {name for name in shapes if name.endswith(".att.mask")}
+    checkpointing.check_state_dict(state_dict, shapes, path, may_be_missing=masks)
 
 
 # --- config ---
