@@ -28,7 +28,8 @@ os.umask(_UMASK)
 
 
 def give_usual_permissions(path) -> None:
-    """The mode open() or mkdir() would have given path, for files made owner-only."""
+    """For what tempfile or safetensors made owner-only: our output is as readable as
+    what open() and mkdir() make."""
     full_access = 0o777 if Path(path).is_dir() else 0o666
     os.chmod(path, full_access & ~_UMASK)
 
