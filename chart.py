@@ -10,12 +10,12 @@ when an xkcd font is installed (setup_lambda.sh installs one); plain otherwise,
 because xkcd mode without its font only produces warnings and a fallback font.
 """
 
-import os
 from pathlib import Path
 
 import click
 
 import checkpointing
+import safe_files
 
 CHART_FILE = "big-training-run-chart.png"
 XKCD_FONTS = ("xkcd", "xkcd Script", "Humor Sans")
@@ -47,8 +47,6 @@ def draw_loss_chart(points, best_step, png_path):
     points = sorted(points, key=lambda point: point["global_step"])
     steps = [point["global_step"] for point in points]
     marker = {"marker": "o", "markersize": 3} if len(points) <= 100 else {}
-    png_path = Path(png_path)
-    temporary = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
     # plt.xkcd() only sets rcParams; the figure is drawn on an Agg canvas of its own,
     # never through pyplot's window machinery, so no display is needed.
     with plt.xkcd() if xkcd_font_installed() else contextlib.nullcontext():
@@ -66,8 +64,8 @@ def draw_loss_chart(points, best_step, png_path):
         axes.set_title("training run loss")
         axes.legend()
         figure.tight_layout()
-        figure.savefig(temporary, format="png", dpi=100)
-    os.replace(temporary, png_path)
+        with safe_files.replacing(png_path) as temporary:
+            figure.savefig(temporary, format="png", dpi=100)
     return figure
 
 

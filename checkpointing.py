@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import safe_files
 from config import load_model_config
 from gpt import GPTModel
 
@@ -57,8 +58,6 @@ META_FILE = "meta.json"
 LINK_NAMES = ("best", "latest")
 PARTIAL_PREFIX = ".partial-"     # a checkpoint being written
 DOOMED_PREFIX = ".deleting-"     # a pruned checkpoint being removed
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 NAME_PATTERN = re.compile(r"^(?P<time>\d{8}Z\d{6})-iteration-(?P<step>\d+)$")
 
 
@@ -73,20 +72,29 @@ def read_weights(path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict, path) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():
+def check_state_dict(state_dict: dict, shapes: dict, path, may_be_missing=()) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
+
+    `shapes` maps every tensor name of the model to its shape: read off a model, or
+    worked out from its config where building the model just to check would be slow.
+    """
+    for key, shape in shapes.items():
         if key not in state_dict:
+            if key in may_be_missing:
+                continue
             raise CheckpointError(f"{path}: tensor '{key}' is missing")
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+        if tuple(state_dict[key].shape) != tuple(shape):
             raise CheckpointError(
                 f"{path}: tensor '{key}' has shape {tuple(state_dict[key].shape)}, "
-                f"but the model config needs {tuple(tensor.shape)}"
+                f"but the model config needs {tuple(shape)}"
             )
     for key in state_dict:
-        if key not in expected:
+        if key not in shapes:
             raise CheckpointError(f"{path}: unexpected tensor '{key}' for this model config")
+
+
+def model_shapes(model: torch.nn.Module) -> dict:
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
 def load_weights_into(model: GPTModel, weights_path) -> None:
@@ -96,7 +104,7 @@ def load_weights_into(model: GPTModel, weights_path) -> None:
     for key, buffer in model.state_dict().items():
         if key.endswith(".att.mask") and key not in state_dict:
             state_dict[key] = buffer
-    check_state_dict(model, state_dict, weights_path)
+    check_state_dict(state_dict, model_shapes(model), weights_path)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -306,24 +314,10 @@ def _test_kill_point(point: str, global_step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new directory entry is only durable once its directory is synced.
-    _fsync_file(path)
-
-
 def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as file:
         torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())
+        safe_files.flush_to_disk(file)
 
 
 def _new_name(checkpoints_dir: Path, global_step: int) -> str:
@@ -336,12 +330,12 @@ def _new_name(checkpoints_dir: Path, global_step: int) -> str:
 
 def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
     """Make checkpoints_dir/link_name a relative symlink to target_name, atomically."""
-    temporary = checkpoints_dir / f".{link_name}.{os.getpid()}.tmp"
+    temporary = safe_files.hidden_temporary(checkpoints_dir / link_name, "tmp")
     if os.path.lexists(temporary):
         temporary.unlink()
     temporary.symlink_to(target_name, target_is_directory=True)
     os.replace(temporary, checkpoints_dir / link_name)
-    _fsync_dir(checkpoints_dir)
+    safe_files.fsync_dir(checkpoints_dir)
 
 
 def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict,
@@ -361,7 +355,7 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
         _write_files(partial, global_step, tensors, optimizer_state, scaler_state, rng_state, meta)
         final = checkpoints_dir / name
         os.rename(partial, final)
-        _fsync_dir(checkpoints_dir)
+        safe_files.fsync_dir(checkpoints_dir)
         _test_kill_point("after-rename", global_step)
         point_link(checkpoints_dir, "latest", name)
         _test_kill_point("after-latest", global_step)
@@ -383,8 +377,8 @@ def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_st
         shutil.rmtree(partial)
     partial.mkdir()
     save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
-    os.chmod(partial / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors creates it owner-only
-    _fsync_file(partial / MODEL_FILE)
+    safe_files.give_usual_permissions(partial / MODEL_FILE)  # safetensors creates it owner-only
+    safe_files.fsync_file(partial / MODEL_FILE)
     _test_kill_point("partial", global_step)
     _torch_save(optimizer_state, partial / OPTIMIZER_FILE)
     _torch_save(scaler_state, partial / SCALER_FILE)
@@ -392,9 +386,8 @@ def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_st
         _torch_save(rng_state, partial / RNG_FILE)
     with open(partial / META_FILE, "w", encoding="utf-8") as file:
         json.dump(meta, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    _fsync_dir(partial)
+        safe_files.flush_to_disk(file)
+    safe_files.fsync_dir(partial)
     _test_kill_point("before-rename", global_step)
 
 
@@ -413,7 +406,7 @@ def prune_checkpoints(checkpoints_dir, keep: int) -> list[str]:
         _test_kill_point("mid-prune", checkpoint.global_step)
         shutil.rmtree(hidden)
     if doomed:
-        _fsync_dir(checkpoints_dir)
+        safe_files.fsync_dir(checkpoints_dir)
     return [c.name for c in doomed]
 
 

@@ -24,17 +24,14 @@ from pathlib import Path
 
 import click
 
+import safe_files
+
 DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 SAMPLES = ("10BT", "100BT", "350BT")
 
 
 class DownloadError(click.ClickException):
     """A download that could not start or finish; one line on stderr, exit 1."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _size(count: int) -> str:
@@ -74,7 +71,7 @@ def download_sample(repo_id: str, local_dir: Path, pattern: str, max_workers: in
         wanted = []
     except Exception as error:  # DNS, refused connection, timeout, TLS, server error...
         raise DownloadError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
-                            f"({_first_line(error)})") from None
+                            f"({safe_files.first_line(error)})") from None
     if not wanted:
         raise DownloadError(f"dataset {repo_id} has no files matching {pattern}")
 
@@ -104,8 +101,8 @@ def download_sample(repo_id: str, local_dir: Path, pattern: str, max_workers: in
         os._exit(130)  # the transfer threads can't be joined quickly; leave without them
     if "error" in outcome:
         raise DownloadError(f"downloading {repo_id} into {local_dir} failed "
-                            f"({_first_line(outcome['error'])}); run the same command again "
-                            f"to continue") from None
+                            f"({safe_files.first_line(outcome['error'])}); "
+                            f"run the same command again to continue") from None
     return len(wanted), sum(entry.size or 0 for entry in wanted)
 
 

@@ -15,6 +15,7 @@ import click
 from safetensors.torch import save_file
 
 import hf_gpt2
+import safe_files
 import tokenizer
 from checkpointing import read_weights
 from config import read_json_object, validate_model_config
@@ -152,7 +153,7 @@ def check_repo_id(repo_id):
     try:
         validate_repo_id(repo_id)
     except ValueError as error:
-        raise click.BadParameter(hf_gpt2.first_line(error), param_hint="--push-to-hub") from None
+        raise click.BadParameter(safe_files.first_line(error), param_hint="--push-to-hub") from None
 
 
 def push_to_hub(output_dir, repo_id, private):
@@ -169,7 +170,7 @@ def push_to_hub(output_dir, repo_id, private):
     # id) and changes them between releases; each ends here as one line.
     except Exception as error:
         raise click.ClickException(
-            f"pushing {output_dir} to the Hub repo '{repo_id}' failed: {hf_gpt2.first_line(error)}"
+            f"pushing {output_dir} to the Hub repo '{repo_id}' failed: {safe_files.first_line(error)}"
         ) from None
     return commit.commit_url
 
@@ -189,7 +190,7 @@ def main(model_config_path, model_safetensors_path, output_dir, repo_id, private
     if repo_id is not None:
         check_repo_id(repo_id)  # before the export, not after it
     output_dir = Path(output_dir)
-    hf_gpt2.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
+    safe_files.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
     cfg = load_gpt2_expressible_config(model_config_path)
     weights = load_checked_weights(model_safetensors_path, cfg)
 
@@ -199,7 +200,7 @@ def main(model_config_path, model_safetensors_path, output_dir, repo_id, private
     card_name = repo_id or output_dir.resolve().name
     facts = checkpoint_facts(model_safetensors_path)
 
-    with hf_gpt2.staged_output(output_dir) as staging:
+    with safe_files.staged_output(output_dir) as staging:
         # transformers reads the "format" entry to know these are PyTorch tensors.
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         for file_name, content in (

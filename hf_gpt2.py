@@ -12,21 +12,15 @@ The tokenizer files are derived from the vendored rank file, so nothing is downl
 This module does the mapping only; export_hf.py and import_hf.py do the I/O around it.
 """
 
-import contextlib
-import functools
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
 import torch
 
-import tokenizer
 import checkpointing
-from checkpointing import CheckpointError
+import tokenizer
 
 GPT2_MODEL_TYPE = "gpt2"
 # The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key
@@ -42,12 +36,6 @@ _HF_MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 class HFFormatError(click.ClickException):
     """A model that can't be converted (not GPT-2-shaped, missing or mis-shaped tensors)."""
-
-
-def first_line(error):
-    """An exception as one line, for errors from libraries whose messages run long."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def causal_mask(context_length):
@@ -227,20 +215,9 @@ def check_our_tensors(state_dict, cfg, path):
 
     The mask buffers may be missing: every reader rebuilds them.
     """
-    expected = our_shapes(cfg)
-    for name, shape in expected.items():
-        if name not in state_dict:
-            if name.endswith(".att.mask"):
-                continue
-            raise CheckpointError(f"{path}: tensor '{name}' is missing")
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' has shape {tuple(state_dict[name].shape)}, "
-                f"but the model config needs {shape}"
-            )
-    for name in state_dict:
-        if name not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor '{name}' for this model config")
+    shapes = our_shapes(cfg)
+    masks = {name for name in shapes if name.endswith(".att.mask")}
+    checkpointing.check_state_dict(state_dict, shapes, path, may_be_missing=masks)
 
 
 # --- config ---
@@ -339,70 +316,11 @@ def model_config_from_transformers(hf_config, path):
 
 # --- tokenizer files ---
 
-def byte_to_unicode():
-    """GPT-2's reversible map of the 256 byte values to printable characters.
-
-    Printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) take
-    the characters from U+0100 on, in byte order. vocab.json and merges.txt spell
-    tokens this way, so every token is a string without spaces or control characters.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    next_free = 256
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(next_free)
-            next_free += 1
-    return mapping
-
-
-def _merge_that_made(token, rank, ranks):
-    """The two tokens whose merge produced `token`: BPE on its bytes with only older ranks."""
-    parts = [bytes([byte]) for byte in token]
-    while len(parts) > 2:
-        best_rank, best_at = None, None
-        for i in range(len(parts) - 1):
-            pair_rank = ranks.get(parts[i] + parts[i + 1])
-            if pair_rank is not None and pair_rank < rank and (best_rank is None or pair_rank < best_rank):
-                best_rank, best_at = pair_rank, i
-        if best_at is None:
-            break
-        parts[best_at:best_at + 2] = [parts[best_at] + parts[best_at + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two older tokens")
-    return parts
-
-
-@functools.cache
-def gpt2_vocab_and_merges():
-    """(vocab, merges) in the byte-to-unicode spelling, rebuilt from the BPE ranks.
-
-    The rank file lists each token with its rank, which is its id. Token 256+n was
-    made by merge n, so the merges come out in order by splitting each token with BPE
-    restricted to lower ranks.
-    """
-    ranks = tokenizer.get_tokenizer()._mergeable_ranks
-    to_unicode = byte_to_unicode()
-
-    def spell(token_bytes):
-        return "".join(to_unicode[byte] for byte in token_bytes)
-
-    vocab, merges = {}, []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        vocab[spell(token)] = rank
-        if len(token) > 1:
-            first, second = _merge_that_made(token, rank, ranks)
-            merges.append((spell(first), spell(second)))
-    vocab[tokenizer.END_OF_TEXT] = tokenizer.END_OF_TEXT_ID
-    return vocab, merges
-
-
 def write_tokenizer_files(directory, model_max_length):
     """vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, and
     tokenizer.json when the `tokenizers` library is installed. Returns the names written."""
     directory = Path(directory)
-    vocab, merges = gpt2_vocab_and_merges()
+    vocab, merges = tokenizer.gpt2_vocab_and_merges()
     eot = tokenizer.END_OF_TEXT
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text(
@@ -435,62 +353,3 @@ def write_tokenizer_files(directory, model_max_length):
     fast.add_special_tokens([AddedToken(eot, special=True, normalized=False)])
     fast.save(str(directory / "tokenizer.json"))
     return written + ["tokenizer.json"]
-
-
-# --- output directories ---
-
-def refuse_to_overwrite(output_dir, names, overwrite):
-    """Raise unless none of `names` exists in output_dir (or overwrite is set)."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise click.ClickException(f"{output_dir}: exists and is not a directory")
-    # A file further up (OUTPUT_DIR under a file) would only show when the output is
-    # created, after the download and conversion: check now.
-    for parent in output_dir.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise click.ClickException(f"{output_dir}: {parent} is not a directory")
-            break
-    if overwrite:
-        return
-    existing = [name for name in names if (output_dir / name).exists()]
-    if existing:
-        raise click.ClickException(
-            f"{output_dir / existing[0]} already exists; pass --overwrite to replace it"
-        )
-
-
-@contextlib.contextmanager
-def staged_output(output_dir):
-    """Yield an empty staging directory; when the block succeeds, move its files into output_dir.
-
-    Until then nothing exists under the final names, so a failure or Ctrl-C leaves
-    output_dir as it was. A new output_dir appears in one rename; into an existing one
-    each file is moved with an atomic replace (same file system: the staging directory
-    is a sibling).
-    """
-    output_dir = Path(output_dir).resolve()
-    # Staged beside output_dir, not in it: a leftover from a killed process must never
-    # end up inside an export (and so on the Hub with the next push).
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
-                                        dir=output_dir.parent))
-    except OSError as error:
-        raise click.ClickException(
-            f"cannot create directory {error.filename or output_dir}: {error.strerror}") from None
-    # mkdtemp makes it private (0700), and safetensors writes its files 0600: give the
-    # output the usual permissions, so that (say) a server run by another user can read it.
-    umask = checkpointing._UMASK
-    staging.chmod(0o777 & ~umask)
-    try:
-        yield staging
-        for path in staging.iterdir():
-            path.chmod(0o666 & ~umask)
-        if not output_dir.exists():
-            os.rename(staging, output_dir)
-        else:
-            for path in sorted(staging.iterdir()):
-                os.replace(path, output_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

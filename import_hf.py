@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import hf_gpt2
+import safe_files
 from config import read_json_object, validate_model_config
 
 OUTPUT_FILES = ("model.json", "model.safetensors")
@@ -47,7 +48,7 @@ def download_from_hub(repo_id):
     # disk) and changes them between releases; each ends here as one line.
     except Exception as error:
         raise click.ClickException(
-            f"{repo_id}: download from the Hugging Face Hub failed: {hf_gpt2.first_line(error)}"
+            f"{repo_id}: download from the Hugging Face Hub failed: {safe_files.first_line(error)}"
         ) from None
 
 
@@ -59,7 +60,7 @@ def _read_one_file(path):
         tensors = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as error:
         raise hf_gpt2.HFFormatError(
-            f"{path}: not a readable weights file ({hf_gpt2.first_line(error)})") from None
+            f"{path}: not a readable weights file ({safe_files.first_line(error)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise hf_gpt2.HFFormatError(f"{path}: expected a dict of tensors (a state dict)")
     return tensors
@@ -81,7 +82,7 @@ def read_transformers_weights(directory, allow_pickle):
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
                 raise hf_gpt2.HFFormatError(
-                    f"{directory / index}: not a readable shard index ({hf_gpt2.first_line(error)})"
+                    f"{directory / index}: not a readable shard index ({safe_files.first_line(error)})"
                 ) from None
             tensors = {}
             for shard in shards:
@@ -115,7 +116,7 @@ def resolve_source(hf_model):
               help="Replace model.json / model.safetensors already in OUTPUT_DIR.")
 def main(hf_model, output_dir, overwrite):
     output_dir = Path(output_dir)
-    hf_gpt2.refuse_to_overwrite(output_dir, OUTPUT_FILES, overwrite)
+    safe_files.refuse_to_overwrite(output_dir, OUTPUT_FILES, overwrite)
     source, from_hub = resolve_source(hf_model)
 
     config_path = source / "config.json"
@@ -132,7 +133,7 @@ def main(hf_model, output_dir, overwrite):
     del tensors
     cfg = validate_model_config(cfg, config_path)
 
-    with hf_gpt2.staged_output(output_dir) as staging:
+    with safe_files.staged_output(output_dir) as staging:
         save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "model.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 

@@ -6,8 +6,6 @@ does. Any JSON file of that shape works.
 """
 
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 
+import safe_files
 from tokenizer import END_OF_TEXT_ID
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -49,24 +48,9 @@ def download(url, path, timeout=60):
         ) from None
     parse_records(payload, f"{url}")  # refuse to save something we couldn't use
     try:
-        write_atomically(path, payload)
+        safe_files.write_atomically(path, payload)
     except OSError as error:
         raise InstructionDataError(f"{path}: cannot write the downloaded data ({error.strerror})") from None
-
-
-def write_atomically(path, payload: bytes) -> None:
-    """Write to a hidden temporary file beside path, then rename it over path: an
-    interrupted write never leaves half a file under the final name."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.chmod(temporary, 0o644)  # mkstemp makes it owner-only; this is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_records(path, url=DATA_URL) -> list[dict]:

@@ -31,6 +31,8 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import safe_files
+
 SAMPLE_FOLDER = Path("sample") / "10BT"
 SHUFFLE_SEED = 1234
 CLASS_PAGE_CHARACTERS = 1000
@@ -243,7 +245,7 @@ def main(output_dir, megabytes, documents_per_file, rows_per_group, source, forc
         raise click.ClickException(f"found no documentation text under {source}")
     # Written beside the final folder and swapped in when complete: an interrupted run
     # leaves no half-corpus under sample/10BT, and --force keeps the old one until then.
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    staging = safe_files.hidden_temporary(folder, "partial")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -255,13 +257,7 @@ def main(output_dir, megabytes, documents_per_file, rows_per_group, source, forc
         written = write_parquet_files(corpus_rows(documents, megabytes), staging,
                                       documents_per_file, rows_per_group)
         check_replaceable(folder, force)  # again: files may have arrived while we wrote
-        if folder.exists():
-            replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
-            os.replace(folder, replaced)
-            os.replace(staging, folder)
-            shutil.rmtree(replaced)
-        else:
-            os.replace(staging, folder)
+        safe_files.replace_directory(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     total_documents = sum(count for count, _ in written)

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+import safe_files
 import tokenizer
 
 SPLITS = ("train", "validation")
@@ -160,7 +161,7 @@ class TokenFileWriter:
 
     def __init__(self, final_path: Path):
         self.final_path = final_path
-        self.temporary_path = final_path.with_name(f".{final_path.name}.{os.getpid()}.partial")
+        self.temporary_path = safe_files.hidden_temporary(final_path, "partial")
         self.file = open(self.temporary_path, "wb")
         self.file.write(bytes(8 + HEADER_SPACE))
         self.count = 0
@@ -176,8 +177,7 @@ class TokenFileWriter:
         ).encode()
         self.file.seek(0)
         self.file.write(struct.pack("<Q", HEADER_SPACE) + header.ljust(HEADER_SPACE, b" "))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        safe_files.flush_to_disk(self.file)
         self.file.close()
 
     def commit(self):

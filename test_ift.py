@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import instruction_data
 import judge
+import safe_files
 import tokenizer
 from checkpointing import load_model
 from devices import autocast, choose_device_and_dtype
@@ -160,7 +161,7 @@ def write_results(path, results):
     """Replace the results file in one step: an interrupted write never leaves half a file."""
     text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
     try:
-        instruction_data.write_atomically(path, text.encode("utf-8"))
+        safe_files.write_atomically(path, text)
     except OSError as error:
         raise click.BadParameter(f"cannot write {path} ({error.strerror})", param_hint="--results") from None
 

@@ -19,6 +19,8 @@ import click
 import numpy as np
 import torch
 
+import safe_files
+
 TENSOR_NAME = "tokens"
 SPLITS = ("train", "validation")
 
@@ -166,11 +168,6 @@ def _has_splits(directory: Path, splits) -> bool:
     return all(split_path(directory, split).is_file() for split in splits)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def _downloaded_from_hub(directory: Path) -> bool:
     # snapshot_download(local_dir=...) keeps its bookkeeping in local_dir/.cache/huggingface.
     return (directory / ".cache" / "huggingface").is_dir()
@@ -219,7 +216,7 @@ def resolve_dataset_dir(dataset: str, datasets_dir, splits=SPLITS) -> Path:
         snapshot_download(repo_id=dataset, repo_type="dataset", revision=commit,
                           local_dir=local_dir, allow_patterns=wanted)
     except Exception as error:  # network, auth, missing repo or file: all end the same way
-        reason = _first_line(error)
+        reason = safe_files.first_line(error)
         if _has_splits(local_dir, splits):
             warnings.warn(
                 f"could not update dataset {dataset} from the Hugging Face Hub ({reason}); "

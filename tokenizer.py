@@ -3,6 +3,9 @@
 tiktoken normally downloads its rank files on first use; we ship OpenAI's GPT-2
 ranks (`r50k_base.tiktoken`) and check their hash, so nothing ever touches the
 network and a corrupted copy is caught before it silently changes token ids.
+
+The same ranks give GPT-2's vocab and merges lists, which export_hf.py writes out for
+transformers.
 """
 
 import functools
@@ -58,3 +61,64 @@ def encode(text: str) -> list[int]:
 
 def decode(token_ids) -> str:
     return get_tokenizer().decode(list(token_ids))
+
+
+# --- GPT-2's vocab and merges, as transformers' tokenizer files spell them ---
+
+def byte_to_unicode():
+    """GPT-2's reversible map of the 256 byte values to printable characters.
+
+    Printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) take
+    the characters from U+0100 on, in byte order. vocab.json and merges.txt spell
+    tokens this way, so every token is a string without spaces or control characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    next_free = 256
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(next_free)
+            next_free += 1
+    return mapping
+
+
+def _merge_that_made(token, rank, ranks):
+    """The two tokens whose merge produced `token`: BPE on its bytes with only older ranks."""
+    parts = [bytes([byte]) for byte in token]
+    while len(parts) > 2:
+        best_rank, best_at = None, None
+        for i in range(len(parts) - 1):
+            pair_rank = ranks.get(parts[i] + parts[i + 1])
+            if pair_rank is not None and pair_rank < rank and (best_rank is None or pair_rank < best_rank):
+                best_rank, best_at = pair_rank, i
+        if best_at is None:
+            break
+        parts[best_at:best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two older tokens")
+    return parts
+
+
+@functools.cache
+def gpt2_vocab_and_merges():
+    """(vocab, merges) in the byte-to-unicode spelling, rebuilt from the BPE ranks.
+
+    The rank file lists each token with its rank, which is its id. Token 256+n was
+    made by merge n, so the merges come out in order by splitting each token with BPE
+    restricted to lower ranks.
+    """
+    ranks = get_tokenizer()._mergeable_ranks
+    to_unicode = byte_to_unicode()
+
+    def spell(token_bytes):
+        return "".join(to_unicode[byte] for byte in token_bytes)
+
+    vocab, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        vocab[spell(token)] = rank
+        if len(token) > 1:
+            first, second = _merge_that_made(token, rank, ranks)
+            merges.append((spell(first), spell(second)))
+    vocab[END_OF_TEXT] = END_OF_TEXT_ID
+    return vocab, merges

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import export_hf
 import hf_gpt2
 import import_hf
+import safe_files
 import test_smoke
 import tokenizer
 from checkpointing import load_model
@@ -474,7 +475,7 @@ def test_import_usage_mistakes(tmp_path, hf_checkpoint, monkeypatch):
 
 
 def test_staged_output_appears_whole_with_the_usual_permissions(tmp_path):
-    with hf_gpt2.staged_output(tmp_path / "new") as staging:
+    with safe_files.staged_output(tmp_path / "new") as staging:
         save_file({"x": torch.zeros(2)}, staging / "model.safetensors")
         assert not (tmp_path / "new").exists()
     umask = os.umask(0)
@@ -491,7 +492,7 @@ def test_staged_output_leaves_nothing_behind_on_failure(tmp_path):
     (existing / "model.json").write_text("old")
     for output_dir in (tmp_path / "new", existing):
         with pytest.raises(KeyboardInterrupt):
-            with hf_gpt2.staged_output(output_dir) as staging:
+            with safe_files.staged_output(output_dir) as staging:
                 (staging / "model.json").write_text("half")
                 raise KeyboardInterrupt
     assert not (tmp_path / "new").exists()
@@ -500,11 +501,9 @@ def test_staged_output_leaves_nothing_behind_on_failure(tmp_path):
 
 
 def test_staged_output_takes_the_umask_read_at_startup(tmp_path, monkeypatch):
-    import checkpointing
-
-    # checkpointing reads the umask once, at import; staged_output uses that value.
-    monkeypatch.setattr(checkpointing, "_UMASK", 0o027)
-    with hf_gpt2.staged_output(tmp_path / "new") as staging:
+    # safe_files reads the umask once, at import; staged_output uses that value.
+    monkeypatch.setattr(safe_files, "_UMASK", 0o027)
+    with safe_files.staged_output(tmp_path / "new") as staging:
         (staging / "model.json").write_text("{}")
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "new" / "model.json").stat().st_mode & 0o777 == 0o640
@@ -520,6 +519,6 @@ def test_output_under_a_file_is_one_line(tmp_path, hf_checkpoint, tiny_checkpoin
     # Had it got past that check (a race), creating the directory is one line too.
     with pytest.raises(click.ClickException, match=f"^cannot create directory {tmp_path}/a-file: "
                                                    f"File exists$"):
-        with hf_gpt2.staged_output(tmp_path / "a-file" / "out"):
+        with safe_files.staged_output(tmp_path / "a-file" / "out"):
             pass
     assert (tmp_path / "a-file").read_text() == "keep me"
