@@ -288,17 +288,31 @@ def checkpoint_meta(*, global_step: int, train_loss: float, val_loss: float, is_
 
 
 def check_resumable(checkpoint: Checkpoint, *, world_size: int, gradient_accumulation_steps: int,
-                    minibatch_size: int) -> None:
-    """Refuse to resume with a data layout that would skip or repeat training batches."""
-    for key, ours in (("world_size", world_size),
-                      ("gradient_accumulation_steps", gradient_accumulation_steps),
-                      ("minibatch_size", minibatch_size)):
-        theirs = checkpoint.meta.get(key)  # absent from checkpoints written by the original scripts
+                    minibatch_size: int, context_length: int) -> None:
+    """Refuse to resume with a data layout that would skip or repeat training batches.
+
+    A global step trains on micro-batches s*W*A ... s*W*A + W*A - 1 (W ranks, A
+    accumulation steps), so another world size resumes the same batches as long as
+    W x A, minibatch_size and context_length stay the same (elastic resume)."""
+    meta, path = checkpoint.meta, checkpoint.path / META_FILE
+    for key, ours in (("minibatch_size", minibatch_size), ("context_length", context_length)):
+        theirs = meta.get(key)  # absent from checkpoints written by the original scripts
         if theirs is not None and theirs != ours:
             raise CheckpointError(
-                f"{checkpoint.path / META_FILE}: written with {key} {theirs}, this run has {ours}; "
-                f"resuming would skip or repeat training batches, so resume with the same {key}"
+                f"{path}: written with {key} {theirs}, this run has {ours}; resuming would "
+                f"skip or repeat training batches, so resume with the same {key}"
             )
+    their_ranks, their_steps = meta.get("world_size"), meta.get("gradient_accumulation_steps", 1)
+    if their_ranks is None:
+        return
+    theirs, ours = their_ranks * their_steps, world_size * gradient_accumulation_steps
+    if theirs != ours:
+        advice = (f"with {world_size} rank(s) set gradient_accumulation_steps to {theirs // world_size}"
+                  if theirs % world_size == 0 else f"use a number of ranks that divides {theirs}")
+        raise CheckpointError(
+            f"{path}: written by {their_ranks} rank(s) x {their_steps} accumulation step(s), this "
+            f"run has {world_size} x {gradient_accumulation_steps}; resuming would skip or repeat "
+            f"training batches: {advice}")
 
 
 # --- writing ---

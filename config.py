@@ -12,6 +12,12 @@ from pathlib import Path
 
 import click
 
+# Without "seed" a run is still reproducible: it takes PyTorch's default seed, the one
+# every new torch.Generator starts from. (The original scripts never seeded; PyTorch seeds
+# its global generator from the OS at start-up, so their runs began from other weights
+# every time, and no default can give theirs back.)
+DEFAULT_SEED = 67280421310721
+
 
 class ConfigError(click.ClickException):
     """A user mistake in a config file; click prints it as one line and exits 1."""
@@ -132,7 +138,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     dtype: str | None = None               # None: bf16 where supported, else fp16 + GradScaler
     compile: bool = False
-    seed: int | None = None
+    seed: int = DEFAULT_SEED              # initial weights; seed + rank drives each rank's dropout
     keep_checkpoints: int | None = None    # newest N kept besides best and latest; None keeps all
     weight_decay_scope: str = "all"        # "all" (the seed) | "matrices" (not biases/norms)
     parallelism: str = "ddp"               # "ddp" (the seed) | "fsdp" (FSDP2: sharded weights, grads, AdamW)

@@ -6,7 +6,9 @@
 RUN is a directory under runs/ (or a path to one) holding model.json and train.json.
 DATASETS_DIR is where the dataset named in train.json is downloaded to, or found.
 CHECKPOINT resumes a run: `latest`, `best` or a directory name under
-runs/RUN/checkpoints/.
+runs/RUN/checkpoints/; `auto` resumes from the newest checkpoint when there is one and
+starts fresh when there is none, so that `torchrun --max-restarts=N ... auto` picks a
+crashed run up again by itself.
 
 What one global step is. Rank r of W ranks, in micro-step m of A
 (gradient_accumulation_steps), trains on train batch (step * A + m) * W + r; with
@@ -26,12 +28,15 @@ Multi-node torchrun needs nothing special: each node's local rank 0 fetches the 
 
 import math
 import os
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
+# The process that started this one (torchrun, or the shell of a plain run), read before
+# the slow imports below: see parallel.die_with_launcher.
+LAUNCHER_PID = os.getppid()
+
+import click  # noqa: E402
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -42,9 +47,9 @@ from config import ConfigError, TrainConfig, load_model_config, load_train_confi
 from gpt import GPTModel
 from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at, load_optimizer_state,
                        set_learning_rate)
-from parallel import (Ranks, WrappedModel, all_reduce_sum, finish_process_group, first_on_each_node,
-                      full_model_state, read_ranks, restore_rng_states, rng_states, start_process_group,
-                      wrap_model)
+from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher, finish_process_group,
+                      first_on_each_node, full_model_state, read_ranks, restore_rng_states, rng_states,
+                      start_process_group, wrap_model)
 from token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir
 from training_progress import TrainingProgress
 
@@ -64,7 +69,12 @@ def find_run_dir(run: str) -> Path:
 
 
 def find_checkpoint_to_resume(checkpoints_dir: Path, name: str | None):
-    """The checkpoint to resume from; None for a fresh run, which must not clobber an old one."""
+    """The checkpoint to resume from; None for a fresh run, which must not clobber an old one.
+    `auto` takes the newest complete checkpoint: what `latest` points at, or one a crash
+    left complete before `latest` was moved to it."""
+    if name == "auto":
+        existing = checkpointing.list_checkpoints(checkpoints_dir)
+        return existing[-1] if existing else None
     if name is not None:
         return checkpointing.resolve_checkpoint(checkpoints_dir, name)
     existing = checkpointing.list_checkpoints(checkpoints_dir)
@@ -166,7 +176,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     if resume_from is not None:
         checkpointing.check_resumable(resume_from, world_size=ranks.world_size,
                                       gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                      minibatch_size=config.minibatch_size)
+                                      minibatch_size=config.minibatch_size,
+                                      context_length=model_config["context_length"])
     # Starting weights from a file: for a fresh run only (a resume has its own).
     init_from = (initial_weights_file(run_dir, config, model_config)
                  if config.init_from is not None and resume_from is None else None)
@@ -189,8 +200,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
                                config.start_val_token, 1, config.minibatch_size, context_length)
 
     # Same initial weights on every rank (DDP broadcasts rank 0's anyway), then each
-    # rank its own stream for dropout. Without a seed in train.json, a fresh one.
-    seed = config.seed if config.seed is not None else secrets.randbits(62)
+    # rank its own stream for dropout.
+    seed = config.seed
     torch.manual_seed(seed)
     model = GPTModel(model_config)
     if init_from is not None:
@@ -218,7 +229,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
               + (f", starting from {init_from}" if init_from is not None else "") + "; "
               f"dataset {dataset_dir}: {training.total_steps:,} global steps of "
               f"{training.tokens_per_step:,} tokens"
-              + (f"; resuming from {resume_from.name} at step {training.start_step:,}" if resume_from else ""))
+              + (f"; resuming from {resume_from.name} at step {training.start_step:,}" if resume_from
+                 else "; auto: no checkpoint yet, starting fresh" if checkpoint_name == "auto" else ""))
     return training
 
 
@@ -381,6 +393,7 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
 def main(run, datasets_dir, checkpoint, device_name):
     """Train the model of runs/RUN on the dataset in its train.json (see the README)."""
     ranks = read_ranks()
+    die_with_launcher(ranks, LAUNCHER_PID)
     try:
         train(run, datasets_dir, checkpoint, device_name, ranks)
     except click.ClickException as error:

@@ -19,6 +19,9 @@ import datetime
 import functools
 import inspect
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -70,13 +73,42 @@ def read_ranks() -> Ranks:
     return Ranks(rank, local_rank, int(os.environ["WORLD_SIZE"]), node, True)
 
 
+def die_with_launcher(ranks: Ranks, launcher_pid: int) -> None:
+    """End this rank when the torchrun process that started it dies.
+
+    torchrun starts each rank in a session of its own, so a launcher killed outright
+    (the OOM killer, a closed SSH session, kill -9) would leave its ranks training on,
+    holding the GPUs and writing into the run directory beside a restarted job. A
+    daemon thread looks at the parent once a second and SIGKILLs this process when it
+    has gone: nothing more is written, and a checkpoint being saved stays a hidden
+    partial directory, as after any crash. (Not Linux's PR_SET_PDEATHSIG: it fires
+    when the parent *thread* ends, and torchrun starts restarted ranks from threads
+    that do.) launcher_pid is the parent as first seen, so a launcher that died
+    before this call counts too. A plain `python ddp_train.py` is left alone."""
+    if ranks.launched_by_torchrun:
+        threading.Thread(target=_watch_parent, args=(launcher_pid,), daemon=True,
+                         name="die-with-launcher").start()
+
+
+def _watch_parent(launcher_pid: int) -> None:
+    while os.getppid() == launcher_pid:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def start_process_group(ranks: Ranks, device: torch.device) -> None:
     if not ranks.distributed:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # torchrun --max-restarts keeps one key-value store for all its attempts, and a
+    # restarted rank can read its peer's address from the attempt before (a dead
+    # process: "Connection refused"). Each attempt's groups get keys of their own.
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend=devices.distributed_backend(device),
-                            device_id=device if device.type == "cuda" else None)
+                            store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank,
+                            world_size=world_size, device_id=device if device.type == "cuda" else None)
     # Set-up waits (one rank per node downloading the dataset while the others wait)
     # can outlast NCCL's collective timeout by far, so they go through a gloo group
     # with a long one; it also carries the small Python objects we exchange.

@@ -24,3 +24,20 @@ def datasets_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     write_toy_dataset(root / "toy")
     return root
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, datasets_dir):
+    """A finished 2-rank DDP run of the tiny fp32 model (helpers.MODEL, helpers.TRAIN)."""
+    from helpers import make_run, trained
+
+    return trained(make_run(tmp_path_factory.mktemp("ddp") / "run"), datasets_dir)
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(tmp_path_factory, datasets_dir):
+    """The same run under FSDP2."""
+    from helpers import TRAIN, make_run, trained
+
+    return trained(make_run(tmp_path_factory.mktemp("fsdp") / "run", train={**TRAIN, "parallelism": "fsdp"}),
+                   datasets_dir)

@@ -97,6 +97,12 @@ def write_tiny_checkpoint(directory, config, seed=0):
     return model.eval()
 
 
+def assert_close_weights(actual, expected, atol):
+    assert actual.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(actual[key], tensor, rtol=0, atol=atol, msg=key)
+
+
 def one_line_error(result, *fragments, exit_code=1):
     """A user mistake: the given exit code, one line on stderr holding every fragment."""
     assert result.returncode == exit_code, result.stdout + result.stderr

@@ -8,25 +8,11 @@ from click.testing import CliRunner
 import checkpointing
 import ddp_train
 from gpt import GPTModel
-from helpers import MODEL, TRAIN, copy_run_up_to, final_weights, latest, make_run, run_training, trained
+from helpers import (MODEL, TRAIN, assert_close_weights, copy_run_up_to, final_weights, latest, make_run,
+                     run_training, trained)
 
 FSDP = {**TRAIN, "parallelism": "fsdp"}
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, datasets_dir):
-    return trained(make_run(tmp_path_factory.mktemp("ddp") / "run"), datasets_dir)
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, datasets_dir):
-    return trained(make_run(tmp_path_factory.mktemp("fsdp") / "run", train=FSDP), datasets_dir)
-
-
-def assert_close_weights(actual, expected, atol):
-    assert actual.keys() == expected.keys()
-    for key, tensor in expected.items():
-        torch.testing.assert_close(actual[key], tensor, rtol=0, atol=atol, msg=key)
+# ddp_run and fsdp_run (conftest.py): the same 2-rank fp32 run under DDP and under FSDP.
 
 
 def test_fsdp_ends_with_ddps_weights(fsdp_run, ddp_run):
@@ -78,16 +64,6 @@ def test_fsdp_checkpoint_resumes_under_ddp(fsdp_run, ddp_run, tmp_path, datasets
     trained(run_dir, datasets_dir, "latest")
     assert latest(run_dir).meta["parallelism"] == "ddp"
     assert_close_weights(final_weights(run_dir), final_weights(ddp_run), atol=1e-5)
-
-
-def test_other_world_size_is_refused_in_one_line(fsdp_run, tmp_path, datasets_dir):
-    # Batches are dealt out by global rank, so another world size would skip or repeat
-    # some: refused before anything starts.
-    run_dir = copy_run_up_to(fsdp_run, tmp_path / "one-rank", step=2)
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), "latest", "--device", "cpu"])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "written with world_size 2, this run has 1" in lines[0], result.stderr
 
 
 def test_fp16_is_refused_under_fsdp(tmp_path, datasets_dir):
