@@ -358,6 +358,17 @@ def test_exported_model_continues_text_like_ours(published):
     assert continued[0, len(prompt):].tolist() == generate(ours, [prompt], 10)[0]
 
 
+def test_text_generation_pipeline_with_its_defaults_stays_within_the_context(published):
+    """The pipeline's own default, 256 new tokens, would run past the 32 positions
+    (an IndexError); generation_config.json's max_new_tokens keeps it inside."""
+    generation = transformers.GenerationConfig.from_pretrained(published["export"])
+    assert generation.max_new_tokens == 16  # half the context of 32
+    torch.manual_seed(0)  # the pipeline samples by default
+    generator = transformers.pipeline("text-generation", model=str(published["export"]))
+    generated = generator("Every effort moves you")[0]["generated_text"]
+    assert generated.startswith("Every effort moves you") and len(generated) > len("Every effort moves you")
+
+
 # --- bad input: one line, and nothing written ---
 
 @pytest.fixture
