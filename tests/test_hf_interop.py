@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,12 @@ def load_exported(directory):
     return model.eval()
 
 
+def printed_parameters(output):
+    """The parameter count in export_hf.py's or import_hf.py's closing line."""
+    (count,) = re.findall(r"([\d,]+) parameters", output)
+    return int(count.replace(",", ""))
+
+
 def max_logit_difference(ours, theirs, vocab_size, context_length, seed=0):
     tokens = torch.randint(0, vocab_size, (3, context_length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -136,9 +143,13 @@ def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias
     assert "auto_map" not in json.loads((tmp_path / "export" / "config.json").read_text())
     assert ("lm_head.weight" in load_file(tmp_path / "export" / "model.safetensors")) is not tied
     assert max_logit_difference(ours, exported, cfg["vocab_size"], cfg["context_length"]) < 1e-4
+    exported_parameters = printed_parameters(result.stdout)
+    assert exported_parameters == exported.num_parameters()
 
     result = invoke(import_hf.main, tmp_path / "export", tmp_path / "back")
     assert result.exit_code == 0, result.output
+    assert printed_parameters(result.stdout) == exported_parameters  # a tied head counted once
+    assert ("tied head copied into out_head" in result.stdout) is tied
     assert json.loads((tmp_path / "back" / "model.json").read_text()) == cfg
     original, back = load_file(weights_path), load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(back) == sorted(original)  # the mask buffers included
@@ -177,6 +188,8 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
 
     result = invoke(import_hf.main, source, tmp_path / "ours")
     assert result.exit_code == 0, result.output
+    imported_parameters = printed_parameters(result.stdout)
+    assert imported_parameters == theirs.num_parameters()  # a tied head counted once
     cfg = json.loads((tmp_path / "ours" / "model.json").read_text())
     assert cfg == dict(TINY, drop_rate=0.1, qkv_bias=True)
     ours = load_model(tmp_path / "ours" / "model.json", tmp_path / "ours" / "model.safetensors")  # strict
@@ -188,6 +201,7 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
     result = invoke(export_hf.main, tmp_path / "ours" / "model.json",
                     tmp_path / "ours" / "model.safetensors", tmp_path / "back")
     assert result.exit_code == 0, result.output
+    assert printed_parameters(result.stdout) == imported_parameters
     back = load_file(tmp_path / "back" / "model.safetensors")
     expected = {name: tensor for name, tensor in theirs.state_dict().items()
                 if not (tied and name == "lm_head.weight")}
