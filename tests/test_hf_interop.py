@@ -264,7 +264,7 @@ def published(tmp_path_factory):
     (run_dir / "train.json").write_text(json.dumps(train, indent=2))
     (checkpoint / "meta.json").write_text(json.dumps({
         "train_loss": 3.98761, "val_loss": 4.01234, "global_step": 1234, "is_best": True,
-        "tokens_seen": 7581696, "world_size": 8, "grad_norm": None,
+        "tokens_seen": 7581696, "world_size": 8, "grad_norm": None, "seed": 67280421310721,
         "history": [{"global_step": 1234, "train_loss": 3.98761}],
     }))
     (run_dir / "checkpoints" / "best").symlink_to(checkpoint.name)
@@ -310,14 +310,14 @@ def test_push_with_a_rejected_token_is_one_line(tmp_path):
 
 def test_model_card_carries_the_checkpoint_facts(published):
     card = (published["export"] / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
     exported = load_exported(published["export"])
     for fact in ("# someone/tiny-gpt", f"| parameters | {exported.num_parameters():,} |",
                  "| layers | 1 |", "| context length | 32 |", "| run | `tiny-run` |",
                  "| checkpoint | `20251209Z143355-iteration-1234` |",  # the real name, not `best`
                  "| global step | 1,234 |", "| tokens seen | 7,581,696 |",
                  "| training loss | 3.9876 |", "| validation loss | 4.0123 |",
-                 "| world_size | 8 |", published["train_json"]):
+                 "| world_size | 8 |", "| seed | 67,280,421,310,721 |", published["train_json"]):
         assert fact in card, fact
     assert "history" not in card and "grad_norm" not in card
 
