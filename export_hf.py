@@ -87,6 +87,7 @@ def _format_fact(value, decimals=None):
 def model_card(cfg, tied, dtype, parameters, name, facts):
     lines = [
         "---",
+        "license: apache-2.0",  # this project's (LICENSE)
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags:",

@@ -255,9 +255,23 @@ def transformers_config(cfg, tied, dtype):
     }
 
 
+# transformers' text-generation pipeline asks for this many new tokens when the model's
+# generation config names no length.
+TRANSFORMERS_PIPELINE_NEW_TOKENS = 256
+
+
+def default_max_new_tokens(context_length):
+    """Half the context, at most transformers' usual 256: GPT-2 has no position past
+    n_positions (generating beyond it is an IndexError), so the other half is left for
+    the prompt -- a short prompt always fits (64 + 64 at context 128), and a 1024-context
+    model keeps the pipeline's 256."""
+    return max(1, min(TRANSFORMERS_PIPELINE_NEW_TOKENS, context_length // 2))
+
+
 def generation_config(cfg):
     eot = tokenizer.END_OF_TEXT_ID if cfg["vocab_size"] > tokenizer.END_OF_TEXT_ID else None
-    return {"bos_token_id": eot, "eos_token_id": eot}
+    return {"bos_token_id": eot, "eos_token_id": eot,
+            "max_new_tokens": default_max_new_tokens(cfg["context_length"])}
 
 
 def model_config_from_transformers(hf_config, path):

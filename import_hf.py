@@ -130,6 +130,10 @@ def main(hf_model, output_dir, overwrite):
     tensors, weights_path = read_transformers_weights(source, allow_pickle=not from_hub)
     tensors = hf_gpt2.normalise_transformers_names(tensors)
     cfg, state_dict = hf_gpt2.from_transformers(tensors, cfg, tied, weights_path)
+    # The GPT-2 read, counted as transformers and export_hf.py count it: a tied head once
+    # (out_head is only its copy), the Q/K/V biases even when zero. A round trip prints
+    # the same number both ways.
+    parameters = sum(tensors[name].numel() for name in hf_gpt2.transformers_shapes(cfg, tied))
     del tensors
     cfg = validate_model_config(cfg, config_path)
 
@@ -137,7 +141,6 @@ def main(hf_model, output_dir, overwrite):
         save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "model.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
-    parameters = sum(t.numel() for name, t in state_dict.items() if not name.endswith(".att.mask"))
     click.echo(
         f"wrote {output_dir / 'model.json'} and {output_dir / 'model.safetensors'}: "
         f"{cfg['n_layers']} layers, {cfg['emb_dim']} wide, context {cfg['context_length']}, "

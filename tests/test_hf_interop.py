@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,12 @@ def load_exported(directory):
     return model.eval()
 
 
+def printed_parameters(output):
+    """The parameter count in export_hf.py's or import_hf.py's closing line."""
+    (count,) = re.findall(r"([\d,]+) parameters", output)
+    return int(count.replace(",", ""))
+
+
 def max_logit_difference(ours, theirs, vocab_size, context_length, seed=0):
     tokens = torch.randint(0, vocab_size, (3, context_length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -136,9 +143,13 @@ def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias
     assert "auto_map" not in json.loads((tmp_path / "export" / "config.json").read_text())
     assert ("lm_head.weight" in load_file(tmp_path / "export" / "model.safetensors")) is not tied
     assert max_logit_difference(ours, exported, cfg["vocab_size"], cfg["context_length"]) < 1e-4
+    exported_parameters = printed_parameters(result.stdout)
+    assert exported_parameters == exported.num_parameters()
 
     result = invoke(import_hf.main, tmp_path / "export", tmp_path / "back")
     assert result.exit_code == 0, result.output
+    assert printed_parameters(result.stdout) == exported_parameters  # a tied head counted once
+    assert ("tied head copied into out_head" in result.stdout) is tied
     assert json.loads((tmp_path / "back" / "model.json").read_text()) == cfg
     original, back = load_file(weights_path), load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(back) == sorted(original)  # the mask buffers included
@@ -177,6 +188,8 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
 
     result = invoke(import_hf.main, source, tmp_path / "ours")
     assert result.exit_code == 0, result.output
+    imported_parameters = printed_parameters(result.stdout)
+    assert imported_parameters == theirs.num_parameters()  # a tied head counted once
     cfg = json.loads((tmp_path / "ours" / "model.json").read_text())
     assert cfg == dict(TINY, drop_rate=0.1, qkv_bias=True)
     ours = load_model(tmp_path / "ours" / "model.json", tmp_path / "ours" / "model.safetensors")  # strict
@@ -188,6 +201,7 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
     result = invoke(export_hf.main, tmp_path / "ours" / "model.json",
                     tmp_path / "ours" / "model.safetensors", tmp_path / "back")
     assert result.exit_code == 0, result.output
+    assert printed_parameters(result.stdout) == imported_parameters
     back = load_file(tmp_path / "back" / "model.safetensors")
     expected = {name: tensor for name, tensor in theirs.state_dict().items()
                 if not (tied and name == "lm_head.weight")}
@@ -250,7 +264,7 @@ def published(tmp_path_factory):
     (run_dir / "train.json").write_text(json.dumps(train, indent=2))
     (checkpoint / "meta.json").write_text(json.dumps({
         "train_loss": 3.98761, "val_loss": 4.01234, "global_step": 1234, "is_best": True,
-        "tokens_seen": 7581696, "world_size": 8, "grad_norm": None,
+        "tokens_seen": 7581696, "world_size": 8, "grad_norm": None, "seed": 67280421310721,
         "history": [{"global_step": 1234, "train_loss": 3.98761}],
     }))
     (run_dir / "checkpoints" / "best").symlink_to(checkpoint.name)
@@ -296,14 +310,14 @@ def test_push_with_a_rejected_token_is_one_line(tmp_path):
 
 def test_model_card_carries_the_checkpoint_facts(published):
     card = (published["export"] / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
     exported = load_exported(published["export"])
     for fact in ("# someone/tiny-gpt", f"| parameters | {exported.num_parameters():,} |",
                  "| layers | 1 |", "| context length | 32 |", "| run | `tiny-run` |",
                  "| checkpoint | `20251209Z143355-iteration-1234` |",  # the real name, not `best`
                  "| global step | 1,234 |", "| tokens seen | 7,581,696 |",
                  "| training loss | 3.9876 |", "| validation loss | 4.0123 |",
-                 "| world_size | 8 |", published["train_json"]):
+                 "| world_size | 8 |", "| seed | 67,280,421,310,721 |", published["train_json"]):
         assert fact in card, fact
     assert "history" not in card and "grad_norm" not in card
 
@@ -356,6 +370,17 @@ def test_exported_model_continues_text_like_ours(published):
     with torch.no_grad():
         continued = theirs.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
     assert continued[0, len(prompt):].tolist() == generate(ours, [prompt], 10)[0]
+
+
+def test_text_generation_pipeline_with_its_defaults_stays_within_the_context(published):
+    """The pipeline's own default, 256 new tokens, would run past the 32 positions
+    (an IndexError); generation_config.json's max_new_tokens keeps it inside."""
+    generation = transformers.GenerationConfig.from_pretrained(published["export"])
+    assert generation.max_new_tokens == 16  # half the context of 32
+    torch.manual_seed(0)  # the pipeline samples by default
+    generator = transformers.pipeline("text-generation", model=str(published["export"]))
+    generated = generator("Every effort moves you")[0]["generated_text"]
+    assert generated.startswith("Every effort moves you") and len(generated) > len("Every effort moves you")
 
 
 # --- bad input: one line, and nothing written ---
