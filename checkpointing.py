@@ -21,12 +21,18 @@ complete checkpoint. Old checkpoints are deleted the same way round: renamed out
 of sight first, removed after. Listing skips anything that isn't a complete
 checkpoint, including the leftovers of the original scripts' non-atomic saves.
 
+A failed save (a full disk above all) removes what it wrote before it raises, and
+says in one line what happened: for a full disk, how much the checkpoint needs and how
+much is free, whichever layer (safetensors, torch's zip writer, json) hit it.
+
 Nothing here needs pickle to run code: `.pt` files hold only tensors and plain
 values and are read with `torch.load(..., weights_only=True)`.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
@@ -333,8 +339,12 @@ def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
     temporary = safe_files.hidden_temporary(checkpoints_dir / link_name, "tmp")
     if os.path.lexists(temporary):
         temporary.unlink()
-    temporary.symlink_to(target_name, target_is_directory=True)
-    os.replace(temporary, checkpoints_dir / link_name)
+    try:
+        temporary.symlink_to(target_name, target_is_directory=True)
+        os.replace(temporary, checkpoints_dir / link_name)
+    finally:
+        if os.path.lexists(temporary):
+            temporary.unlink()
     safe_files.fsync_dir(checkpoints_dir)
 
 
@@ -342,17 +352,24 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
                     scaler_state: dict, rng_state: dict | None, meta: dict,
                     keep: int | None = None) -> Checkpoint:
     """Write a complete checkpoint atomically, point `latest` (and `best` when meta says
-    is_best) at it, and delete all but the newest `keep` (best and latest are kept)."""
+    is_best) at it, and delete all but the newest `keep` (best and latest are kept).
+
+    A failed write (a full disk above all) leaves nothing behind: the new checkpoint's
+    files are removed before the error is raised, and every earlier checkpoint, `best`
+    and `latest` stay as they were."""
     checkpoints_dir = Path(checkpoints_dir)
     global_step = meta["global_step"]
     # Copied off the GPU before the try: a CUDA error here is no write failure.
     tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
+    metadata = {"format": "pt"}
     name = None
+    writing = {"file": None}   # the file being written, for the error message
     try:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         name = _new_name(checkpoints_dir, global_step)
         partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
-        _write_files(partial, global_step, tensors, optimizer_state, scaler_state, rng_state, meta)
+        _write_files(partial, global_step, tensors, metadata, optimizer_state, scaler_state, rng_state,
+                     meta, writing)
         final = checkpoints_dir / name
         os.rename(partial, final)
         safe_files.fsync_dir(checkpoints_dir)
@@ -366,27 +383,158 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
     except (OSError, SafetensorError, RuntimeError) as error:
         # Disk full, no permission, a network mount gone (torch.save reports those as
         # RuntimeError): whatever carries a final name is still complete.
-        raise CheckpointError(f"{checkpoints_dir}: could not write checkpoint{f' {name}' if name else ''} "
-                              f"of step {global_step} ({error})") from None
+        if name is not None:
+            _take_back(checkpoints_dir, name)
+        needed = estimated_checkpoint_bytes(tensors, optimizer_state, scaler_state, rng_state, meta)
+        raise _write_error(checkpoints_dir, name, global_step, error, writing["file"], needed) from None
     return Checkpoint(name, final, global_step, meta)
 
 
-def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_state, rng_state, meta):
-    """Every file of a checkpoint, into the hidden directory `partial`, synced to disk."""
+def _take_back(checkpoints_dir: Path, name: str) -> None:
+    """After a failed save: remove what it wrote unless `latest` already points at it
+    (then it is the newest complete checkpoint and stays). Best effort: whatever can't
+    be removed now is hidden, and removed when the next run starts."""
+    for link_name in LINK_NAMES:
+        temporary = safe_files.hidden_temporary(checkpoints_dir / link_name, "tmp")
+        if temporary.is_symlink():
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+    latest = checkpoints_dir / "latest"
+    if latest.is_symlink() and os.readlink(latest) == name:
+        return
+    with contextlib.suppress(OSError):
+        if (checkpoints_dir / name).is_dir():  # renamed into place; latest not moved yet
+            doomed = checkpoints_dir / f"{DOOMED_PREFIX}{name}"
+            os.rename(checkpoints_dir / name, doomed)
+            shutil.rmtree(doomed)
+    shutil.rmtree(checkpoints_dir / f"{PARTIAL_PREFIX}{name}", ignore_errors=True)
+
+
+# errno values that mean the checkpoint did not fit, and how to say so
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError with an errno behind an error: torch's zip writer raises its own
+    RuntimeError ("unexpected pos ...") with the OSError of the failed write as context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _errno_of(error: BaseException) -> int | None:
+    os_error = _os_error_in(error)
+    if os_error is not None:
+        return os_error.errno
+    # safetensors writes from Rust: "I/O error: No space left on device (os error 28)".
+    found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(error))
+    return int(found[1] or found[2]) if found else None
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _write_error(checkpoints_dir: Path, name, global_step, error, file, needed: int) -> CheckpointError:
+    what = f"checkpoint{f' {name}' if name else ''} of step {global_step}"
+    code = _errno_of(error)
+    free = _free_bytes(checkpoints_dir)  # measured after the take-back: what a retry would have
+    # An error with no errno anywhere (a writer that lost it) is a full disk when the
+    # checkpoint does not fit in what is free.
+    if code in _NO_SPACE or (code is None and free < needed):
+        reason = _NO_SPACE.get(code, _NO_SPACE[errno.ENOSPC])
+        return CheckpointError(f"{checkpoints_dir}: {reason} for {what} "
+                               f"(needs about {format_bytes(needed)}, {format_bytes(free)} free)")
+    # What the system said ("File too large"), not the writer's wrapping of it.
+    detail = os.strerror(code) if code is not None else safe_files.first_line(error)
+    if file is not None:
+        detail = f"{file}: {detail}"
+    return CheckpointError(f"{checkpoints_dir}: could not write {what} ({detail})")
+
+
+def estimated_checkpoint_bytes(tensors: dict, optimizer_state: dict, scaler_state: dict,
+                               rng_state: dict | None, meta: dict) -> int:
+    """About what a checkpoint of these states takes on disk: every tensor's bytes, a
+    little per tensor and per file for headers, and meta.json."""
+    def state_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.nelement() * value.element_size() + 128
+        if isinstance(value, dict):
+            return sum(state_bytes(key) + state_bytes(item) for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            return sum(state_bytes(item) for item in value)
+        return 16
+
+    files = [tensors, optimizer_state, scaler_state] + ([rng_state] if rng_state is not None else [])
+    return (sum(state_bytes(state) + 1024 for state in files)
+            + len(json.dumps(meta, indent=2).encode("utf-8")))
+
+
+def format_bytes(count: int) -> str:
+    """12874304 -> '12.9 MB' (decimal units, as df -H and file managers show them)."""
+    if count < 1000:
+        return f"{count} bytes"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(count / scale, 1) < 1000:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e12:.1f} TB"
+
+
+def checkpoint_bytes(checkpoint: Checkpoint) -> int:
+    """What a checkpoint's files take (their sizes added up)."""
+    return sum(entry.stat().st_size for entry in checkpoint.path.iterdir() if entry.is_file())
+
+
+def low_space_warning(checkpoints_dir) -> str | None:
+    """A warning line when the free space where checkpoints go is less than the newest
+    complete checkpoint takes (the next will need as much), else None. For the trainer
+    to print before each save."""
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints = list_checkpoints(checkpoints_dir)
+    if not checkpoints:
+        return None
+    newest = checkpoints[-1]
+    try:
+        size = checkpoint_bytes(newest)
+        free = shutil.disk_usage(checkpoints_dir).free
+    except OSError:
+        return None  # the save itself will say what is wrong
+    if free >= size:
+        return None
+    return (f"warning: {checkpoints_dir}: {format_bytes(free)} free, less than the {format_bytes(size)} "
+            f"of the newest checkpoint {newest.name}; the next checkpoint will probably not fit")
+
+
+def _write_files(partial: Path, global_step, tensors, metadata, optimizer_state, scaler_state, rng_state,
+                 meta, writing):
+    """Every file of a checkpoint, into the hidden directory `partial`, synced to disk;
+    writing["file"] names the one being written."""
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
-    save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
+    writing["file"] = MODEL_FILE
+    save_file(tensors, str(partial / MODEL_FILE), metadata=metadata)
     safe_files.give_usual_permissions(partial / MODEL_FILE)  # safetensors creates it owner-only
     safe_files.fsync_file(partial / MODEL_FILE)
     _test_kill_point("partial", global_step)
+    writing["file"] = OPTIMIZER_FILE
     _torch_save(optimizer_state, partial / OPTIMIZER_FILE)
+    writing["file"] = SCALER_FILE
     _torch_save(scaler_state, partial / SCALER_FILE)
     if rng_state is not None:
+        writing["file"] = RNG_FILE
         _torch_save(rng_state, partial / RNG_FILE)
+    writing["file"] = META_FILE
     with open(partial / META_FILE, "w", encoding="utf-8") as file:
         json.dump(meta, file, indent=2)
         safe_files.flush_to_disk(file)
+    writing["file"] = None
     safe_files.fsync_dir(partial)
     _test_kill_point("before-rename", global_step)
 

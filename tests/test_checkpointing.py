@@ -257,3 +257,4 @@ def test_a_failed_write_is_one_error_and_leaves_the_old_checkpoints(tmp_path):
         signal.signal(signal.SIGXFSZ, previous_handler)
     assert [c.name for c in checkpointing.list_checkpoints(checkpoints_dir)] == [first.name]
     assert checkpointing.link_target(checkpoints_dir, "latest").name == first.name
+    assert not any(name.startswith(".") for name in os.listdir(checkpoints_dir))  # removed at once

@@ -1,0 +1,304 @@
+"""What goes wrong with checkpoints on real disks and real files (issue 15): a full disk
+at a save."""
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+import checkpointing
+from checkpointing import CheckpointError
+from test_checkpointing import checkpoint_states, save
+
+MB = 1_000_000
+
+
+# --- a full disk ---
+
+def big_states():
+    """A checkpoint of about 3.1 MB: 1 MiB of weights, 2 MiB of AdamW moments."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(256 * 1024, generator=generator)
+    return {"model_state": {"w": weights},
+            "optimizer_state": {"state": {0: {"step": torch.tensor(1.0),
+                                              "exp_avg": torch.randn(256 * 1024, generator=generator),
+                                              "exp_avg_sq": torch.rand(256 * 1024, generator=generator)}},
+                                "param_groups": [{"lr": 1e-3, "params": [0]}]},
+            "scaler_state": {}, "rng_state": {"world_size": 1, "cpu": [torch.Generator().get_state()]}}
+
+
+def checkpoint_bytes(path):
+    return sum(file.stat().st_size for file in Path(path).iterdir())
+
+
+@contextlib.contextmanager
+def small_filesystem(directory, size):
+    """A tmpfs of `size` mounted at directory (root only); skips the test where mounting
+    is not permitted. Always unmounted again."""
+    directory = Path(directory)
+    directory.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root on Linux; the injected-ENOSPC tests cover this")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
+                    "the injected-ENOSPC tests cover this")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+def fill_leaving(directory, free_bytes):
+    """A file that leaves about free_bytes free on directory's file system."""
+    filler = Path(directory) / "filler"
+    with open(filler, "wb") as file:
+        file.write(b"\0" * max(0, shutil.disk_usage(directory).free - free_bytes))
+    return filler
+
+
+def snapshot(checkpoints_dir):
+    """Everything a failed save must leave as it was: every entry, link targets, file bytes."""
+    state = {}
+    for entry in sorted(Path(checkpoints_dir).iterdir()):
+        if entry.is_symlink():
+            state[entry.name] = ("link", os.readlink(entry))
+        elif entry.is_dir():
+            state[entry.name] = {file.name: file.read_bytes() for file in sorted(entry.iterdir())}
+        else:
+            state[entry.name] = ("file", entry.stat().st_size)
+    return state
+
+
+NO_SPACE = re.compile(r"^(?P<dir>\S+): no space left on device for checkpoint "
+                      r"(?P<name>\d{8}Z\d{6}-iteration-1) of step 1 "
+                      r"\(needs about (?P<needs>[\d.]+) MB, (?P<free>[\d.]+ (bytes|kB|MB|GB|TB)) free\)$")
+
+
+def as_bytes(text):
+    number, unit = text.split()
+    return float(number) * {"bytes": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+
+
+def record_failures(monkeypatch, failures):
+    """Note which writer raised what, passing every error on."""
+    def spying(function, label):
+        def call(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                failures.append((label, type(error).__name__))
+                raise
+        return call
+    monkeypatch.setattr(checkpointing, "save_file", spying(checkpointing.save_file, "safetensors"))
+    monkeypatch.setattr(checkpointing, "_torch_save", spying(checkpointing._torch_save, "torch.save"))
+
+
+@pytest.mark.parametrize("free_at_second_save, failure", [
+    (None, ("safetensors", "SafetensorError")),   # the disk as the first checkpoint left it
+    (1_600_000, ("torch.save", "RuntimeError")),  # the weights fit, AdamW's moments don't:
+])                                                # torch's zip writer says "unexpected pos"
+def test_a_full_disk_at_the_second_checkpoint(tmp_path, monkeypatch, free_at_second_save, failure):
+    size = "4m" if free_at_second_save is None else "8m"
+    failures = []
+    record_failures(monkeypatch, failures)
+    with small_filesystem(tmp_path / "disk", size) as disk:
+        checkpoints_dir = disk / "checkpoints"
+        states = big_states()
+        first = save(checkpoints_dir, 0, 5.0, is_best=True, states=states)
+        first_size = checkpoint_bytes(first.path)
+        assert 3 * MB < first_size < 3.3 * MB
+        filler = fill_leaving(disk, free_at_second_save) if free_at_second_save else None
+        before = snapshot(checkpoints_dir)
+        free_before = shutil.disk_usage(disk).free
+        assert free_before < first_size
+        assert checkpointing.low_space_warning(checkpoints_dir) is not None
+
+        with pytest.raises(CheckpointError) as raised:
+            save(checkpoints_dir, 1, 4.0, is_best=True, states=states)
+
+        assert failures == [failure]
+        message = raised.value.format_message()
+        match = NO_SPACE.match(message)
+        assert match, message
+        assert "enforce fail" not in message and "\n" not in message
+        assert match["dir"] == str(checkpoints_dir)
+        assert abs(float(match["needs"]) * MB - first_size) < 0.1 * MB    # the checkpoint's size
+        # What is free once the partial directory is gone: what the next try would have.
+        assert abs(as_bytes(match["free"]) - shutil.disk_usage(disk).free) < 0.01 * MB + 0.05 * free_before
+        # Nothing half-written stays behind holding the disk; the old checkpoint, best and
+        # latest are exactly as they were.
+        assert snapshot(checkpoints_dir) == before
+        assert not any(name.startswith(".") for name in os.listdir(checkpoints_dir))
+        assert shutil.disk_usage(disk).free >= free_before - 4096
+        assert checkpointing.link_target(checkpoints_dir, "latest").name == first.name
+        assert checkpointing.link_target(checkpoints_dir, "best").name == first.name
+
+        # Space freed: the next save goes through.
+        if filler is not None:
+            filler.unlink()
+        else:
+            shutil.rmtree(first.path)
+        again = save(checkpoints_dir, 1, 4.0, is_best=True, states=states)
+        assert checkpointing.link_target(checkpoints_dir, "latest").name == again.name
+
+
+class FullDisk:
+    """Writes through checkpointing fail with ENOSPC once `budget` bytes are written, at
+    the write call (torch's zip writer and json.dump write through it), as on a disk
+    with that much space free. Runs on any system."""
+
+    def __init__(self, budget):
+        self.left = budget
+        self.failed_at = None
+
+    def open(self, path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        return self._Limited(file, self, Path(path).name) if "w" in mode else file
+
+    class _Limited:
+        def __init__(self, file, disk, name):
+            self._file, self._disk, self._name = file, disk, name
+
+        def write(self, data):
+            size = len(data.encode() if isinstance(data, str) else memoryview(data).cast("B"))
+            if size > self._disk.left:
+                room = self._disk.left
+                self._file.write(data[:room] if isinstance(data, str)
+                                 else memoryview(data).cast("B")[:room].tobytes())
+                self._disk.left = 0
+                self._disk.failed_at = self._disk.failed_at or self._name
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._disk.left -= size
+            return self._file.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self._file.close()
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    def save_file(self, tensors, filename, metadata=None):
+        """safetensors writes from Rust: write the real file, then fail as it fails."""
+        save_file(tensors, filename, metadata=metadata)
+        size = os.path.getsize(filename)
+        if size > self.left:
+            os.truncate(filename, self.left)
+            self.left = 0
+            self.failed_at = self.failed_at or Path(filename).name
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        self.left -= size
+
+
+WRITE_ORDER = ("model.safetensors", "optimizer.pt", "scaler.pt", "rng_state.pt", "meta.json")
+
+
+@pytest.mark.parametrize("failing_file", WRITE_ORDER)
+def test_an_injected_enospc_at_any_write_is_one_line(tmp_path, monkeypatch, failing_file):
+    """safetensors' error has the errno only in its text; torch's zip writer raises
+    "unexpected pos" with the OSError as its context; json.dump the OSError itself."""
+    checkpoints_dir = tmp_path / "checkpoints"
+    states = big_states()
+    first = save(checkpoints_dir, 0, 5.0, is_best=True, states=states)
+    before = snapshot(checkpoints_dir)
+    # Room for the files written before failing_file and half of it.
+    sizes = [(first.path / name).stat().st_size for name in WRITE_ORDER]
+    position = WRITE_ORDER.index(failing_file)
+    disk = FullDisk(sum(sizes[:position]) + sizes[position] // 2)
+    monkeypatch.setattr(checkpointing, "open", disk.open, raising=False)
+    monkeypatch.setattr(checkpointing, "save_file", disk.save_file)
+
+    with pytest.raises(CheckpointError) as raised:
+        save(checkpoints_dir, 1, 4.0, is_best=False, states=states)
+
+    assert disk.failed_at == failing_file
+    message = raised.value.format_message()
+    match = NO_SPACE.match(message)
+    assert match, message
+    assert match["dir"] == str(checkpoints_dir)
+    assert abs(float(match["needs"]) * MB - checkpoint_bytes(first.path)) < 0.1 * MB
+    assert snapshot(checkpoints_dir) == before
+    assert not any(name.startswith(".") for name in os.listdir(checkpoints_dir))
+
+
+def test_enospc_while_moving_latest_takes_the_new_checkpoint_back(tmp_path, monkeypatch):
+    checkpoints_dir = tmp_path / "checkpoints"
+    states = big_states()
+    save(checkpoints_dir, 0, 5.0, is_best=True, states=states)
+    before = snapshot(checkpoints_dir)
+    real_point_link = checkpointing.point_link
+
+    def point_link(directory, link_name, target_name):
+        temporary = directory / f".{link_name}.{os.getpid()}.tmp"
+        temporary.symlink_to(target_name)   # made, then the rename over `latest` fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpointing, "point_link", point_link)
+    with pytest.raises(CheckpointError, match=NO_SPACE.pattern):
+        save(checkpoints_dir, 1, 4.0, is_best=True, states=states)
+    monkeypatch.setattr(checkpointing, "point_link", real_point_link)
+    assert snapshot(checkpoints_dir) == before
+
+
+def test_other_write_errors_say_what_the_system_said_and_clean_up(tmp_path, monkeypatch):
+    checkpoints_dir = tmp_path / "checkpoints"
+    save(checkpoints_dir, 0, 5.0, is_best=True)
+    before = snapshot(checkpoints_dir)
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        if "w" in mode and Path(path).name == "optimizer.pt":
+            file.close()
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return file
+
+    monkeypatch.setattr(checkpointing, "open", failing_open, raising=False)
+    with pytest.raises(CheckpointError) as raised:
+        save(checkpoints_dir, 1, 4.0, is_best=True)
+    message = raised.value.format_message()
+    assert re.match(rf"{re.escape(str(checkpoints_dir))}: could not write checkpoint \S+ of step 1 "
+                    r"\(.*optimizer.pt: Input/output error\)$", message), message
+    assert snapshot(checkpoints_dir) == before
+
+
+def test_low_space_warning_compares_free_space_with_the_newest_checkpoint(tmp_path, monkeypatch):
+    checkpoints_dir = tmp_path / "checkpoints"
+    assert checkpointing.low_space_warning(checkpoints_dir) is None       # no directory yet
+    checkpoints_dir.mkdir()
+    assert checkpointing.low_space_warning(checkpoints_dir) is None       # no checkpoint yet
+    saved = save(checkpoints_dir, 0, 5.0, is_best=True, states=big_states())
+    size = checkpoint_bytes(saved.path)
+    usage = shutil.disk_usage(checkpoints_dir)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage",
+                        lambda path: usage._replace(free=size // 2))
+    warning = checkpointing.low_space_warning(checkpoints_dir)
+    assert warning == (f"warning: {checkpoints_dir}: {size // 2 / MB:.1f} MB free, less than the "
+                       f"{size / MB:.1f} MB of the newest "
+                       f"checkpoint {saved.name}; the next checkpoint will probably not fit")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage._replace(free=size))
+    assert checkpointing.low_space_warning(checkpoints_dir) is None
+
+
+def test_low_space_warning_on_a_real_small_disk(tmp_path):
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        checkpoints_dir = disk / "checkpoints"
+        saved = save(checkpoints_dir, 0, 5.0, is_best=True, states=big_states())
+        warning = checkpointing.low_space_warning(checkpoints_dir)
+        assert warning is not None and warning.startswith(f"warning: {checkpoints_dir}: ")
+        assert saved.name in warning and "\n" not in warning
+        shutil.rmtree(saved.path)
+        assert checkpointing.low_space_warning(checkpoints_dir) is None
