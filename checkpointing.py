@@ -26,7 +26,8 @@ says in one line what happened: for a full disk, how much the checkpoint needs a
 much is free, whichever layer (safetensors, torch's zip writer, json) hit it.
 
 Nothing here needs pickle to run code: `.pt` files hold only tensors and plain
-values and are read with `torch.load(..., weights_only=True)`.
+values and are read with `torch.load(..., weights_only=True)`; a damaged one is called
+corrupt, never answered with torch's advice to load it with weights_only=False.
 """
 
 import contextlib
@@ -136,18 +137,48 @@ class Checkpoint:
 
 
 def read_meta(checkpoint_dir) -> dict:
-    """meta.json of a checkpoint, with errors naming the file."""
+    """meta.json of a checkpoint, with errors naming the file and what is wrong with it."""
     path = Path(checkpoint_dir) / META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
-    step = meta.get("global_step") if isinstance(meta, dict) else None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text, so not JSON") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not JSON ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    step = meta.get("global_step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: no valid 'global_step' (got {json.dumps(step)})")
     return meta
+
+
+def _why_incomplete(path: Path) -> str:
+    """What keeps the directory at path from being a complete checkpoint, in words."""
+    if not NAME_PATTERN.match(path.name):
+        return f"{path.name} is not a checkpoint name (like 20251209Z143355-iteration-1000)"
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not (path / MODEL_FILE).is_file():
+        return f"{path} has no {MODEL_FILE}"
+    try:
+        read_meta(path)
+    except CheckpointError as error:
+        return error.message
+    return f"{path} is not a complete checkpoint"
+
+
+def _link_problem(link: Path) -> str:
+    """What is wrong with a `best` or `latest` symlink that points at no complete checkpoint."""
+    shown = os.readlink(link)
+    target = link.parent / shown   # as the user wrote the directory, not made absolute
+    if not target.exists():
+        return f"points at {shown}, which does not exist"
+    return f"points at {shown}, which is incomplete: {_why_incomplete(target)}"
 
 
 def _complete_checkpoint(path: Path, name: str) -> Checkpoint | None:
@@ -195,20 +226,42 @@ def resolve_checkpoint(checkpoints_dir, name: str) -> Checkpoint:
     if name in LINK_NAMES:
         checkpoint = link_target(checkpoints_dir, name)
         if checkpoint is None:
-            problem = ("points at an incomplete or missing checkpoint"
-                       if (checkpoints_dir / name).is_symlink() else "does not exist")
-            raise CheckpointError(f"{checkpoints_dir / name} {problem}{_available(checkpoints_dir)}")
+            link = checkpoints_dir / name
+            problem = _link_problem(link) if link.is_symlink() else "does not exist"
+            raise CheckpointError(f"{link} {problem}{_available(checkpoints_dir)}")
         return checkpoint
     if "/" in name or os.sep in name or not NAME_PATTERN.match(name):
         raise CheckpointError(
             f"'{name}' is not a checkpoint name: give latest, best, or a directory name "
             f"like 20251209Z143355-iteration-1000 under {checkpoints_dir}{_available(checkpoints_dir)}"
         )
-    checkpoint = _complete_checkpoint(checkpoints_dir / name, name)
+    path = checkpoints_dir / name
+    checkpoint = _complete_checkpoint(path, name)
     if checkpoint is None:
-        problem = "is incomplete" if (checkpoints_dir / name).exists() else "does not exist"
-        raise CheckpointError(f"{checkpoints_dir / name} {problem}{_available(checkpoints_dir)}")
+        problem = f"is incomplete: {_why_incomplete(path)}" if path.exists() else "does not exist"
+        raise CheckpointError(f"{path} {problem}{_available(checkpoints_dir)}")
     return checkpoint
+
+
+def link_warnings(checkpoints_dir) -> list[str]:
+    """A warning line for `best` or `latest` pointing at no complete checkpoint (a garbage
+    meta.json, a deleted directory). Training goes on without it -- the best loss so far
+    comes from the other checkpoints -- and the next save re-points it; this says so."""
+    checkpoints_dir = Path(checkpoints_dir)
+    warnings = []
+    for link_name in LINK_NAMES:
+        link = checkpoints_dir / link_name
+        if not link.is_symlink() or link_target(checkpoints_dir, link_name) is not None:
+            continue
+        if link_name == "best":
+            loss = best_val_loss(checkpoints_dir)
+            consequence = (f"the best validation loss so far is taken from the other checkpoints "
+                           f"({'none' if math.isinf(loss) else f'{loss:.4f}'}), and best moves to the "
+                           f"next checkpoint that beats it")
+        else:
+            consequence = "latest moves to the next checkpoint written"
+        warnings.append(f"warning: {link} {_link_problem(link)}; {consequence}")
+    return warnings
 
 
 def _available(checkpoints_dir) -> str:
@@ -589,16 +642,38 @@ class ResumeState:
     rng_state: dict | None   # None for checkpoints written by the original scripts
 
 
+CORRUPT_FILE = "not a valid checkpoint file (corrupt or truncated)"
+# torch's words for a pickled class outside weights_only's allow-list.
+_DISALLOWED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
+
+
 def read_torch_file(path) -> object:
-    """A .pt file of tensors and plain values, loaded without running any pickled code."""
+    """A .pt file of tensors and plain values, loaded without running any pickled code.
+
+    torch's own errors for a damaged file advise loading it with weights_only=False,
+    which for a corrupt file is pointless and for a tampered one runs its code: they
+    are never passed on. A corrupt or truncated file is called that; a well-formed one
+    holding a pickled class (which ours never hold) is refused, naming the class."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt zip, truncated file, disallowed pickle global
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({message})") from None
+    except Exception as error:
+        # Random bytes: an UnpicklingError; a truncated zip: OSError EINVAL or a miniz
+        # RuntimeError; an empty file: EOFError. Only a failing disk is no corruption.
+        if isinstance(error, OSError) and error.errno == errno.EIO:
+            raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+        disallowed = _DISALLOWED_GLOBAL.search(str(error))
+        if disallowed:
+            raise CheckpointError(f"{path}: holds a pickled {disallowed[1]}, which checkpoint files "
+                                  f"never hold; refused, as loading it could run code") from None
+        raise CheckpointError(f"{path}: {CORRUPT_FILE}") from None
 
 
 def read_resume_state(checkpoint: Checkpoint) -> ResumeState:

@@ -1,5 +1,5 @@
 """What goes wrong with checkpoints on real disks and real files (issue 15): a full disk
-at a save."""
+at a save, corrupt or truncated .pt files, garbage meta.json under `latest` or `best`."""
 
 import contextlib
 import errno
@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,118 @@ def test_low_space_warning_on_a_real_small_disk(tmp_path):
         assert saved.name in warning and "\n" not in warning
         shutil.rmtree(saved.path)
         assert checkpointing.low_space_warning(checkpoints_dir) is None
+
+
+# --- corrupt files ---
+
+CORRUPT = "not a valid checkpoint file (corrupt or truncated)"
+
+
+def corrupt(path, how):
+    data = path.read_bytes()
+    if how == "random bytes":
+        path.write_bytes(os.urandom(len(data)))
+    elif how == "truncated to half":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "truncated by one byte":
+        path.write_bytes(data[:-1])
+    elif how == "truncated to 100 bytes":
+        path.write_bytes(data[:100])
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("file, how", [
+    ("optimizer.pt", "random bytes"),
+    ("optimizer.pt", "truncated to half"),
+    ("optimizer.pt", "truncated by one byte"),
+    ("optimizer.pt", "truncated to 100 bytes"),
+    ("scaler.pt", "empty"),
+    ("rng_state.pt", "truncated to half"),
+])
+def test_a_corrupt_pt_file_is_called_corrupt_and_nothing_unsafe_is_advised(tmp_path, file, how):
+    saved = save(tmp_path, 0, 5.0, is_best=True)
+    corrupt(saved.path / file, how)
+    with pytest.raises(CheckpointError) as raised:
+        checkpointing.read_resume_state(checkpointing.resolve_checkpoint(tmp_path, "latest"))
+    message = raised.value.format_message()
+    assert message == f"{saved.path / file}: {CORRUPT}"
+    assert "weights_only" not in message
+
+
+def test_a_valid_pt_file_with_a_pickled_class_names_it_without_unsafe_advice(tmp_path):
+    saved = save(tmp_path, 0, 5.0, is_best=True)
+    state = torch.load(saved.path / "optimizer.pt", weights_only=True)
+    state["param_groups"][0]["lr"] = Fraction(1, 1000)     # a class no checkpoint holds
+    torch.save(state, saved.path / "optimizer.pt")
+    with pytest.raises(CheckpointError) as raised:
+        checkpointing.read_resume_state(saved)
+    message = raised.value.format_message()
+    assert message.startswith(f"{saved.path / 'optimizer.pt'}: ")
+    assert "fractions.Fraction" in message and CORRUPT not in message
+    assert "weights_only" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content, problem", [
+    (os.urandom(300), "not UTF-8 text"),
+    (b"{not json", "not JSON (Expecting property name"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"global_step": "7", "val_loss": 1.0}', "no valid 'global_step' (got \"7\")"),
+])
+def test_garbage_meta_json_under_latest_is_named(tmp_path, content, problem):
+    save(tmp_path, 0, 5.0, is_best=True)
+    second = save(tmp_path, 1, 5.5, is_best=False)
+    (second.path / "meta.json").write_bytes(content)
+    with pytest.raises(CheckpointError) as raised:
+        checkpointing.resolve_checkpoint(tmp_path, "latest")
+    message = raised.value.format_message()
+    assert message.startswith(f"{tmp_path / 'latest'} points at {second.name}, which is incomplete: "
+                              f"{second.path / 'meta.json'}: {problem}"), message
+    assert "\n" not in message
+    # A name given on the command line says the same.
+    with pytest.raises(CheckpointError, match=re.escape(f"{second.path / 'meta.json'}: {problem}")):
+        checkpointing.resolve_checkpoint(tmp_path, second.name)
+
+
+def test_latest_pointing_at_a_missing_or_weightless_directory_says_so(tmp_path):
+    save(tmp_path, 0, 5.0, is_best=True)
+    second = save(tmp_path, 1, 5.5, is_best=False)
+    (second.path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'latest'} points at {second.name}, which is incomplete: "
+            f"{second.path} has no model.safetensors")):
+        checkpointing.resolve_checkpoint(tmp_path, "latest")
+    shutil.rmtree(second.path)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'latest'} points at {second.name}, which does not exist")):
+        checkpointing.resolve_checkpoint(tmp_path, "latest")
+
+
+def test_garbage_meta_json_under_best_is_a_warning_at_start_up(tmp_path):
+    first = save(tmp_path, 0, 5.0, is_best=True)
+    save(tmp_path, 1, 5.5, is_best=False)
+    assert checkpointing.link_warnings(tmp_path) == []
+    (first.path / "meta.json").write_bytes(b"\x00garbage")
+    warnings = checkpointing.link_warnings(tmp_path)
+    assert warnings == [
+        f"warning: {tmp_path / 'best'} points at {first.name}, which is incomplete: "
+        f"{first.path / 'meta.json'}: not JSON (Expecting value: line 1 column 1 (char 0)); "
+        f"the best validation loss so far is taken from the other checkpoints (5.5000), and best "
+        f"moves to the next checkpoint that beats it"]
+    # Resuming from latest still works; best is re-pointed at the next improvement.
+    assert checkpointing.resolve_checkpoint(tmp_path, "latest").global_step == 1
+    assert checkpointing.best_val_loss(tmp_path) == 5.5
+    third = save(tmp_path, 2, 5.2, is_best=True)
+    assert checkpointing.link_target(tmp_path, "best").name == third.name
+    assert checkpointing.link_warnings(tmp_path) == []
+
+
+def test_a_dangling_best_is_a_warning_too(tmp_path):
+    first = save(tmp_path, 0, 5.0, is_best=True)
+    shutil.rmtree(first.path)
+    assert checkpointing.link_warnings(tmp_path) == [
+        f"warning: {tmp_path / 'best'} points at {first.name}, which does not exist; the best "
+        f"validation loss so far is taken from the other checkpoints (none), and best moves to "
+        f"the next checkpoint that beats it",
+        f"warning: {tmp_path / 'latest'} points at {first.name}, which does not exist; "
+        f"latest moves to the next checkpoint written"]
