@@ -28,6 +28,10 @@ much is free, whichever layer (safetensors, torch's zip writer, json) hit it.
 Nothing here needs pickle to run code: `.pt` files hold only tensors and plain
 values and are read with `torch.load(..., weights_only=True)`; a damaged one is called
 corrupt, never answered with torch's advice to load it with weights_only=False.
+
+model.safetensors records the model config it was written for in its metadata (JSON
+under "model_config"), so weights are refused by a model.json of another architecture
+even where the tensor shapes agree (another n_heads); files without it still load.
 """
 
 import contextlib
@@ -45,11 +49,11 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import safe_files
-from config import load_model_config
+from config import MODEL_KEYS, load_model_config
 from gpt import GPTModel
 
 
@@ -66,6 +70,10 @@ LINK_NAMES = ("best", "latest")
 PARTIAL_PREFIX = ".partial-"     # a checkpoint being written
 DOOMED_PREFIX = ".deleting-"     # a pruned checkpoint being removed
 NAME_PATTERN = re.compile(r"^(?P<time>\d{8}Z\d{6})-iteration-(?P<step>\d+)$")
+# model.safetensors' metadata key holding the model config (as JSON) the weights were
+# written for; the model.json keys the weights depend on (dropout is no part of them).
+CONFIG_METADATA_KEY = "model_config"
+WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate")
 
 
 def read_weights(path) -> dict:
@@ -104,9 +112,53 @@ def model_shapes(model: torch.nn.Module) -> dict:
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
-def load_weights_into(model: GPTModel, weights_path) -> None:
-    """Load a model.safetensors strictly into `model`, naming the file and tensor on mismatch."""
+def weights_model_config(weights_path) -> dict | None:
+    """The model config a safetensors file was written for (kept in its metadata since
+    checkpoints record it), or None for a file without one: the original scripts',
+    import_hf.py's, and ours from before."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    text = metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON object")
+    return config
+
+
+def check_weights_config(weights_path, model_config: dict, model_config_path=None) -> None:
+    """Refuse weights written for another model than `model_config` (read from
+    model_config_path, named in the message). Tensor shapes can't tell every difference:
+    other n_heads over the same emb_dim have the same shapes and give other text."""
+    written_for = weights_model_config(weights_path)
+    if written_for is None:
+        return  # nothing recorded: the shapes are all there is to check
+    for key in WEIGHT_CONFIG_KEYS:
+        if key in written_for and written_for[key] != model_config.get(key):
+            where = model_config_path if model_config_path is not None else "the model"
+            raise CheckpointError(f"{weights_path} was written for {key} {json.dumps(written_for[key])}, "
+                                  f"{where} has {json.dumps(model_config.get(key))}")
+
+
+def load_weights_into(model: GPTModel, weights_path, *, model_config_path=None) -> None:
+    """Load a model.safetensors strictly into `model`, naming the file and tensor on mismatch.
+
+    Weights that record the model config they were written for are refused by a model
+    of another config; model_config_path, the model.json `model` was built from, is named
+    in that message."""
     state_dict = read_weights(weights_path)
+    if getattr(model, "cfg", None) is not None:
+        check_weights_config(weights_path, model.cfg, model_config_path)
     # A file without the causal-mask buffers (ours always write them) is still usable.
     for key, buffer in model.state_dict().items():
         if key.endswith(".att.mask") and key not in state_dict:
@@ -118,7 +170,7 @@ def load_weights_into(model: GPTModel, weights_path) -> None:
 def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
     """A GPTModel built from model.json with weights from a safetensors file, in eval mode."""
     model = GPTModel(load_model_config(model_config_path))
-    load_weights_into(model, weights_path)
+    load_weights_into(model, weights_path, model_config_path=model_config_path)
     return model.to(device).eval()
 
 
@@ -403,18 +455,22 @@ def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
 
 def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict,
                     scaler_state: dict, rng_state: dict | None, meta: dict,
-                    keep: int | None = None) -> Checkpoint:
+                    keep: int | None = None, model_config: dict | None = None) -> Checkpoint:
     """Write a complete checkpoint atomically, point `latest` (and `best` when meta says
     is_best) at it, and delete all but the newest `keep` (best and latest are kept).
 
-    A failed write (a full disk above all) leaves nothing behind: the new checkpoint's
-    files are removed before the error is raised, and every earlier checkpoint, `best`
-    and `latest` stay as they were."""
+    model_config (model.json's keys) goes into model.safetensors' metadata, so that the
+    weights are refused by a model.json they were not written for. A failed write
+    (a full disk above all) leaves nothing behind: the new checkpoint's files are
+    removed before the error is raised, and every earlier checkpoint, `best` and
+    `latest` stay as they were."""
     checkpoints_dir = Path(checkpoints_dir)
     global_step = meta["global_step"]
     # Copied off the GPU before the try: a CUDA error here is no write failure.
     tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
     metadata = {"format": "pt"}
+    if model_config is not None:
+        metadata[CONFIG_METADATA_KEY] = json.dumps(model_config)
     name = None
     writing = {"file": None}   # the file being written, for the error message
     try:

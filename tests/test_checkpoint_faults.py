@@ -1,8 +1,10 @@
 """What goes wrong with checkpoints on real disks and real files (issue 15): a full disk
-at a save, corrupt or truncated .pt files, garbage meta.json under `latest` or `best`."""
+at a save, corrupt or truncated .pt files, garbage meta.json under `latest` or `best`,
+and weights loaded against a model.json they were not written for."""
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -13,13 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import checkpointing
 from checkpointing import CheckpointError
-from test_checkpointing import checkpoint_states, save
+from helpers import one_line_error
+from test_checkpointing import MODEL_CONFIG, checkpoint_states, save
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
 
 
@@ -418,3 +422,77 @@ def test_a_dangling_best_is_a_warning_too(tmp_path):
         f"the next checkpoint that beats it",
         f"warning: {tmp_path / 'latest'} points at {first.name}, which does not exist; "
         f"latest moves to the next checkpoint written"]
+
+
+# --- the weights know their model ---
+
+def model_json(directory, **changes):
+    path = Path(directory) / "model.json"
+    path.write_text(json.dumps(MODEL_CONFIG | changes))
+    return path
+
+
+def test_a_checkpoint_records_its_model_config(tmp_path):
+    saved = checkpointing.save_checkpoint(
+        tmp_path / "checkpoints", meta={"global_step": 0, "val_loss": 1.0, "train_loss": 1.0, "is_best": True},
+        model_config=MODEL_CONFIG, **checkpoint_states())
+    with safe_open(str(saved.path / "model.safetensors"), "pt") as file:
+        metadata = file.metadata()
+    assert metadata["format"] == "pt"
+    assert json.loads(metadata["model_config"]) == MODEL_CONFIG
+    assert checkpointing.weights_model_config(saved.path / "model.safetensors") == MODEL_CONFIG
+
+
+def test_weights_refuse_a_model_json_with_other_heads(tmp_path):
+    saved = checkpointing.save_checkpoint(
+        tmp_path / "checkpoints", meta={"global_step": 0, "val_loss": 1.0, "train_loss": 1.0, "is_best": True},
+        model_config=MODEL_CONFIG, **checkpoint_states())
+    weights = saved.path / "model.safetensors"
+    other = model_json(tmp_path, n_heads=4)          # emb_dim 16: the same tensor shapes
+    with pytest.raises(CheckpointError) as raised:
+        checkpointing.load_model(other, weights)
+    assert raised.value.format_message() == f"{weights} was written for n_heads 2, {other} has 4"
+    # Without a model.json to name (ddp_train's resume), the model's own config is compared.
+    from gpt import GPTModel
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights} was written for n_heads 2, "
+                                                        f"the model has 4")):
+        checkpointing.load_weights_into(GPTModel(MODEL_CONFIG | {"n_heads": 4}), weights)
+    # qkv_bias is compared as JSON writes it.
+    with pytest.raises(CheckpointError, match="was written for qkv_bias false, .* has true"):
+        checkpointing.load_model(model_json(tmp_path, qkv_bias=True), weights)
+    # drop_rate is no part of the weights; the same architecture loads.
+    model = checkpointing.load_model(model_json(tmp_path, drop_rate=0.3), weights)
+    assert model.cfg["drop_rate"] == 0.3
+
+
+def test_weights_without_the_metadata_still_load(tmp_path):
+    # The original scripts', ours until now, import_hf's: no model_config in the metadata.
+    state = checkpoint_states()["model_state"]
+    for metadata in (None, {"format": "pt"}):
+        weights = tmp_path / "model.safetensors"
+        save_file(state, str(weights), metadata=metadata)
+        assert checkpointing.weights_model_config(weights) is None
+        model = checkpointing.load_model(model_json(tmp_path, n_heads=4), weights)
+        assert torch.equal(model.state_dict()["tok_emb.weight"], state["tok_emb.weight"])
+    saved = save(tmp_path / "checkpoints", 0, 5.0, is_best=True)   # no model_config given
+    checkpointing.load_model(model_json(tmp_path, n_heads=4), saved.path / "model.safetensors")
+
+
+def test_unreadable_model_config_metadata_is_one_line(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    save_file(checkpoint_states()["model_state"], str(weights),
+              metadata={"format": "pt", "model_config": "{oops"})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{weights}: metadata 'model_config' is not a JSON object")):
+        checkpointing.load_model(model_json(tmp_path), weights)
+
+
+def test_test_smoke_refuses_weights_written_for_another_model(tmp_path):
+    saved = checkpointing.save_checkpoint(
+        tmp_path / "checkpoints", meta={"global_step": 0, "val_loss": 1.0, "train_loss": 1.0, "is_best": True},
+        model_config=MODEL_CONFIG, **checkpoint_states())
+    other = model_json(tmp_path, n_heads=4)
+    result = subprocess.run([sys.executable, "test_smoke.py", str(other), str(saved.path / "model.safetensors"),
+                             "--device", "cpu"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    one_line_error(result, "was written for n_heads 2", f"{other} has 4")
