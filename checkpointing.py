@@ -21,12 +21,23 @@ complete checkpoint. Old checkpoints are deleted the same way round: renamed out
 of sight first, removed after. Listing skips anything that isn't a complete
 checkpoint, including the leftovers of the original scripts' non-atomic saves.
 
+A failed save (a full disk above all) removes what it wrote before it raises, and
+says in one line what happened: for a full disk, how much the checkpoint needs and how
+much is free, whichever layer (safetensors, torch's zip writer, json) hit it.
+
 Nothing here needs pickle to run code: `.pt` files hold only tensors and plain
-values and are read with `torch.load(..., weights_only=True)`.
+values and are read with `torch.load(..., weights_only=True)`; a damaged one is called
+corrupt, never answered with torch's advice to load it with weights_only=False.
+
+model.safetensors records the model config it was written for in its metadata (JSON
+under "model_config"), so weights are refused by a model.json of another architecture
+even where the tensor shapes agree (another n_heads); files without it still load.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
@@ -38,11 +49,11 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import safe_files
-from config import load_model_config
+from config import MODEL_KEYS, load_model_config
 from gpt import GPTModel
 
 
@@ -59,6 +70,10 @@ LINK_NAMES = ("best", "latest")
 PARTIAL_PREFIX = ".partial-"     # a checkpoint being written
 DOOMED_PREFIX = ".deleting-"     # a pruned checkpoint being removed
 NAME_PATTERN = re.compile(r"^(?P<time>\d{8}Z\d{6})-iteration-(?P<step>\d+)$")
+# model.safetensors' metadata key holding the model config (as JSON) the weights were
+# written for; the model.json keys the weights depend on (dropout is no part of them).
+CONFIG_METADATA_KEY = "model_config"
+WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate")
 
 
 def read_weights(path) -> dict:
@@ -97,9 +112,53 @@ def model_shapes(model: torch.nn.Module) -> dict:
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
-def load_weights_into(model: GPTModel, weights_path) -> None:
-    """Load a model.safetensors strictly into `model`, naming the file and tensor on mismatch."""
+def weights_model_config(weights_path) -> dict | None:
+    """The model config a safetensors file was written for (kept in its metadata since
+    checkpoints record it), or None for a file without one: the original scripts',
+    import_hf.py's, and ours from before."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    text = metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON object")
+    return config
+
+
+def check_weights_config(weights_path, model_config: dict, model_config_path=None) -> None:
+    """Refuse weights written for another model than `model_config` (read from
+    model_config_path, named in the message). Tensor shapes can't tell every difference:
+    other n_heads over the same emb_dim have the same shapes and give other text."""
+    written_for = weights_model_config(weights_path)
+    if written_for is None:
+        return  # nothing recorded: the shapes are all there is to check
+    for key in WEIGHT_CONFIG_KEYS:
+        if key in written_for and written_for[key] != model_config.get(key):
+            where = model_config_path if model_config_path is not None else "the model"
+            raise CheckpointError(f"{weights_path} was written for {key} {json.dumps(written_for[key])}, "
+                                  f"{where} has {json.dumps(model_config.get(key))}")
+
+
+def load_weights_into(model: GPTModel, weights_path, *, model_config_path=None) -> None:
+    """Load a model.safetensors strictly into `model`, naming the file and tensor on mismatch.
+
+    Weights that record the model config they were written for are refused by a model
+    of another config; model_config_path, the model.json `model` was built from, is named
+    in that message."""
     state_dict = read_weights(weights_path)
+    if getattr(model, "cfg", None) is not None:
+        check_weights_config(weights_path, model.cfg, model_config_path)
     # A file without the causal-mask buffers (ours always write them) is still usable.
     for key, buffer in model.state_dict().items():
         if key.endswith(".att.mask") and key not in state_dict:
@@ -111,7 +170,7 @@ def load_weights_into(model: GPTModel, weights_path) -> None:
 def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
     """A GPTModel built from model.json with weights from a safetensors file, in eval mode."""
     model = GPTModel(load_model_config(model_config_path))
-    load_weights_into(model, weights_path)
+    load_weights_into(model, weights_path, model_config_path=model_config_path)
     return model.to(device).eval()
 
 
@@ -130,18 +189,48 @@ class Checkpoint:
 
 
 def read_meta(checkpoint_dir) -> dict:
-    """meta.json of a checkpoint, with errors naming the file."""
+    """meta.json of a checkpoint, with errors naming the file and what is wrong with it."""
     path = Path(checkpoint_dir) / META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
-    step = meta.get("global_step") if isinstance(meta, dict) else None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text, so not JSON") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not JSON ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    step = meta.get("global_step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: no valid 'global_step' (got {json.dumps(step)})")
     return meta
+
+
+def _why_incomplete(path: Path) -> str:
+    """What keeps the directory at path from being a complete checkpoint, in words."""
+    if not NAME_PATTERN.match(path.name):
+        return f"{path.name} is not a checkpoint name (like 20251209Z143355-iteration-1000)"
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not (path / MODEL_FILE).is_file():
+        return f"{path} has no {MODEL_FILE}"
+    try:
+        read_meta(path)
+    except CheckpointError as error:
+        return error.message
+    return f"{path} is not a complete checkpoint"
+
+
+def _link_problem(link: Path) -> str:
+    """What is wrong with a `best` or `latest` symlink that points at no complete checkpoint."""
+    shown = os.readlink(link)
+    target = link.parent / shown   # as the user wrote the directory, not made absolute
+    if not target.exists():
+        return f"points at {shown}, which does not exist"
+    return f"points at {shown}, which is incomplete: {_why_incomplete(target)}"
 
 
 def _complete_checkpoint(path: Path, name: str) -> Checkpoint | None:
@@ -189,20 +278,42 @@ def resolve_checkpoint(checkpoints_dir, name: str) -> Checkpoint:
     if name in LINK_NAMES:
         checkpoint = link_target(checkpoints_dir, name)
         if checkpoint is None:
-            problem = ("points at an incomplete or missing checkpoint"
-                       if (checkpoints_dir / name).is_symlink() else "does not exist")
-            raise CheckpointError(f"{checkpoints_dir / name} {problem}{_available(checkpoints_dir)}")
+            link = checkpoints_dir / name
+            problem = _link_problem(link) if link.is_symlink() else "does not exist"
+            raise CheckpointError(f"{link} {problem}{_available(checkpoints_dir)}")
         return checkpoint
     if "/" in name or os.sep in name or not NAME_PATTERN.match(name):
         raise CheckpointError(
             f"'{name}' is not a checkpoint name: give latest, best, or a directory name "
             f"like 20251209Z143355-iteration-1000 under {checkpoints_dir}{_available(checkpoints_dir)}"
         )
-    checkpoint = _complete_checkpoint(checkpoints_dir / name, name)
+    path = checkpoints_dir / name
+    checkpoint = _complete_checkpoint(path, name)
     if checkpoint is None:
-        problem = "is incomplete" if (checkpoints_dir / name).exists() else "does not exist"
-        raise CheckpointError(f"{checkpoints_dir / name} {problem}{_available(checkpoints_dir)}")
+        problem = f"is incomplete: {_why_incomplete(path)}" if path.exists() else "does not exist"
+        raise CheckpointError(f"{path} {problem}{_available(checkpoints_dir)}")
     return checkpoint
+
+
+def link_warnings(checkpoints_dir) -> list[str]:
+    """A warning line for `best` or `latest` pointing at no complete checkpoint (a garbage
+    meta.json, a deleted directory). Training goes on without it -- the best loss so far
+    comes from the other checkpoints -- and the next save re-points it; this says so."""
+    checkpoints_dir = Path(checkpoints_dir)
+    warnings = []
+    for link_name in LINK_NAMES:
+        link = checkpoints_dir / link_name
+        if not link.is_symlink() or link_target(checkpoints_dir, link_name) is not None:
+            continue
+        if link_name == "best":
+            loss = best_val_loss(checkpoints_dir)
+            consequence = (f"the best validation loss so far is taken from the other checkpoints "
+                           f"({'none' if math.isinf(loss) else f'{loss:.4f}'}), and best moves to the "
+                           f"next checkpoint that beats it")
+        else:
+            consequence = "latest moves to the next checkpoint written"
+        warnings.append(f"warning: {link} {_link_problem(link)}; {consequence}")
+    return warnings
 
 
 def _available(checkpoints_dir) -> str:
@@ -347,26 +458,41 @@ def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
     temporary = safe_files.hidden_temporary(checkpoints_dir / link_name, "tmp")
     if os.path.lexists(temporary):
         temporary.unlink()
-    temporary.symlink_to(target_name, target_is_directory=True)
-    os.replace(temporary, checkpoints_dir / link_name)
+    try:
+        temporary.symlink_to(target_name, target_is_directory=True)
+        os.replace(temporary, checkpoints_dir / link_name)
+    finally:
+        if os.path.lexists(temporary):
+            temporary.unlink()
     safe_files.fsync_dir(checkpoints_dir)
 
 
 def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict,
                     scaler_state: dict, rng_state: dict | None, meta: dict,
-                    keep: int | None = None) -> Checkpoint:
+                    keep: int | None = None, model_config: dict | None = None) -> Checkpoint:
     """Write a complete checkpoint atomically, point `latest` (and `best` when meta says
-    is_best) at it, and delete all but the newest `keep` (best and latest are kept)."""
+    is_best) at it, and delete all but the newest `keep` (best and latest are kept).
+
+    model_config (model.json's keys) goes into model.safetensors' metadata, so that the
+    weights are refused by a model.json they were not written for. A failed write
+    (a full disk above all) leaves nothing behind: the new checkpoint's files are
+    removed before the error is raised, and every earlier checkpoint, `best` and
+    `latest` stay as they were."""
     checkpoints_dir = Path(checkpoints_dir)
     global_step = meta["global_step"]
     # Copied off the GPU before the try: a CUDA error here is no write failure.
     tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
+    metadata = {"format": "pt"}
+    if model_config is not None:
+        metadata[CONFIG_METADATA_KEY] = json.dumps(model_config)
     name = None
+    writing = {"file": None}   # the file being written, for the error message
     try:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         name = _new_name(checkpoints_dir, global_step)
         partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
-        _write_files(partial, global_step, tensors, optimizer_state, scaler_state, rng_state, meta)
+        _write_files(partial, global_step, tensors, metadata, optimizer_state, scaler_state, rng_state,
+                     meta, writing)
         final = checkpoints_dir / name
         os.rename(partial, final)
         safe_files.fsync_dir(checkpoints_dir)
@@ -380,27 +506,158 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
     except (OSError, SafetensorError, RuntimeError) as error:
         # Disk full, no permission, a network mount gone (torch.save reports those as
         # RuntimeError): whatever carries a final name is still complete.
-        raise CheckpointError(f"{checkpoints_dir}: could not write checkpoint{f' {name}' if name else ''} "
-                              f"of step {global_step} ({error})") from None
+        if name is not None:
+            _take_back(checkpoints_dir, name)
+        needed = estimated_checkpoint_bytes(tensors, optimizer_state, scaler_state, rng_state, meta)
+        raise _write_error(checkpoints_dir, name, global_step, error, writing["file"], needed) from None
     return Checkpoint(name, final, global_step, meta)
 
 
-def _write_files(partial: Path, global_step, tensors, optimizer_state, scaler_state, rng_state, meta):
-    """Every file of a checkpoint, into the hidden directory `partial`, synced to disk."""
+def _take_back(checkpoints_dir: Path, name: str) -> None:
+    """After a failed save: remove what it wrote unless `latest` already points at it
+    (then it is the newest complete checkpoint and stays). Best effort: whatever can't
+    be removed now is hidden, and removed when the next run starts."""
+    for link_name in LINK_NAMES:
+        temporary = safe_files.hidden_temporary(checkpoints_dir / link_name, "tmp")
+        if temporary.is_symlink():
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+    latest = checkpoints_dir / "latest"
+    if latest.is_symlink() and os.readlink(latest) == name:
+        return
+    with contextlib.suppress(OSError):
+        if (checkpoints_dir / name).is_dir():  # renamed into place; latest not moved yet
+            doomed = checkpoints_dir / f"{DOOMED_PREFIX}{name}"
+            os.rename(checkpoints_dir / name, doomed)
+            shutil.rmtree(doomed)
+    shutil.rmtree(checkpoints_dir / f"{PARTIAL_PREFIX}{name}", ignore_errors=True)
+
+
+# errno values that mean the checkpoint did not fit, and how to say so
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError with an errno behind an error: torch's zip writer raises its own
+    RuntimeError ("unexpected pos ...") with the OSError of the failed write as context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _errno_of(error: BaseException) -> int | None:
+    os_error = _os_error_in(error)
+    if os_error is not None:
+        return os_error.errno
+    # safetensors writes from Rust: "I/O error: No space left on device (os error 28)".
+    found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(error))
+    return int(found[1] or found[2]) if found else None
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _write_error(checkpoints_dir: Path, name, global_step, error, file, needed: int) -> CheckpointError:
+    what = f"checkpoint{f' {name}' if name else ''} of step {global_step}"
+    code = _errno_of(error)
+    free = _free_bytes(checkpoints_dir)  # measured after the take-back: what a retry would have
+    # An error with no errno anywhere (a writer that lost it) is a full disk when the
+    # checkpoint does not fit in what is free.
+    if code in _NO_SPACE or (code is None and free < needed):
+        reason = _NO_SPACE.get(code, _NO_SPACE[errno.ENOSPC])
+        return CheckpointError(f"{checkpoints_dir}: {reason} for {what} "
+                               f"(needs about {format_bytes(needed)}, {format_bytes(free)} free)")
+    # What the system said ("File too large"), not the writer's wrapping of it.
+    detail = os.strerror(code) if code is not None else safe_files.first_line(error)
+    if file is not None:
+        detail = f"{file}: {detail}"
+    return CheckpointError(f"{checkpoints_dir}: could not write {what} ({detail})")
+
+
+def estimated_checkpoint_bytes(tensors: dict, optimizer_state: dict, scaler_state: dict,
+                               rng_state: dict | None, meta: dict) -> int:
+    """About what a checkpoint of these states takes on disk: every tensor's bytes, a
+    little per tensor and per file for headers, and meta.json."""
+    def state_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.nelement() * value.element_size() + 128
+        if isinstance(value, dict):
+            return sum(state_bytes(key) + state_bytes(item) for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            return sum(state_bytes(item) for item in value)
+        return 16
+
+    files = [tensors, optimizer_state, scaler_state] + ([rng_state] if rng_state is not None else [])
+    return (sum(state_bytes(state) + 1024 for state in files)
+            + len(json.dumps(meta, indent=2).encode("utf-8")))
+
+
+def format_bytes(count: int) -> str:
+    """12874304 -> '12.9 MB' (decimal units, as df -H and file managers show them)."""
+    if count < 1000:
+        return f"{count} bytes"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(count / scale, 1) < 1000:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e12:.1f} TB"
+
+
+def checkpoint_bytes(checkpoint: Checkpoint) -> int:
+    """What a checkpoint's files take (their sizes added up)."""
+    return sum(entry.stat().st_size for entry in checkpoint.path.iterdir() if entry.is_file())
+
+
+def low_space_warning(checkpoints_dir) -> str | None:
+    """A warning line when the free space where checkpoints go is less than the newest
+    complete checkpoint takes (the next will need as much), else None. For the trainer
+    to print before each save."""
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints = list_checkpoints(checkpoints_dir)
+    if not checkpoints:
+        return None
+    newest = checkpoints[-1]
+    try:
+        size = checkpoint_bytes(newest)
+        free = shutil.disk_usage(checkpoints_dir).free
+    except OSError:
+        return None  # the save itself will say what is wrong
+    if free >= size:
+        return None
+    return (f"warning: {checkpoints_dir}: {format_bytes(free)} free, less than the {format_bytes(size)} "
+            f"of the newest checkpoint {newest.name}; the next checkpoint will probably not fit")
+
+
+def _write_files(partial: Path, global_step, tensors, metadata, optimizer_state, scaler_state, rng_state,
+                 meta, writing):
+    """Every file of a checkpoint, into the hidden directory `partial`, synced to disk;
+    writing["file"] names the one being written."""
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
-    save_file(tensors, str(partial / MODEL_FILE), metadata={"format": "pt"})
+    writing["file"] = MODEL_FILE
+    save_file(tensors, str(partial / MODEL_FILE), metadata=metadata)
     safe_files.give_usual_permissions(partial / MODEL_FILE)  # safetensors creates it owner-only
     safe_files.fsync_file(partial / MODEL_FILE)
     _test_kill_point("partial", global_step)
+    writing["file"] = OPTIMIZER_FILE
     _torch_save(optimizer_state, partial / OPTIMIZER_FILE)
+    writing["file"] = SCALER_FILE
     _torch_save(scaler_state, partial / SCALER_FILE)
     if rng_state is not None:
+        writing["file"] = RNG_FILE
         _torch_save(rng_state, partial / RNG_FILE)
+    writing["file"] = META_FILE
     with open(partial / META_FILE, "w", encoding="utf-8") as file:
         json.dump(meta, file, indent=2)
         safe_files.flush_to_disk(file)
+    writing["file"] = None
     safe_files.fsync_dir(partial)
     _test_kill_point("before-rename", global_step)
 
@@ -455,16 +712,38 @@ class ResumeState:
     rng_state: dict | None   # None for checkpoints written by the original scripts
 
 
+CORRUPT_FILE = "not a valid checkpoint file (corrupt or truncated)"
+# torch's words for a pickled class outside weights_only's allow-list.
+_DISALLOWED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
+
+
 def read_torch_file(path) -> object:
-    """A .pt file of tensors and plain values, loaded without running any pickled code."""
+    """A .pt file of tensors and plain values, loaded without running any pickled code.
+
+    torch's own errors for a damaged file advise loading it with weights_only=False,
+    which for a corrupt file is pointless and for a tampered one runs its code: they
+    are never passed on. A corrupt or truncated file is called that; a well-formed one
+    holding a pickled class (which ours never hold) is refused, naming the class."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt zip, truncated file, disallowed pickle global
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({message})") from None
+    except Exception as error:
+        # Random bytes: an UnpicklingError; a truncated zip: OSError EINVAL or a miniz
+        # RuntimeError; an empty file: EOFError. Only a failing disk is no corruption.
+        if isinstance(error, OSError) and error.errno == errno.EIO:
+            raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+        disallowed = _DISALLOWED_GLOBAL.search(str(error))
+        if disallowed:
+            raise CheckpointError(f"{path}: holds a pickled {disallowed[1]}, which checkpoint files "
+                                  f"never hold; refused, as loading it could run code") from None
+        raise CheckpointError(f"{path}: {CORRUPT_FILE}") from None
 
 
 def read_resume_state(checkpoint: Checkpoint) -> ResumeState:
