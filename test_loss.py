@@ -77,7 +77,7 @@ def main(datasets_dir, model_config_path, model_safetensors_path, dataset, split
         directory, split,
         min_tokens=batches * batch_size * seq_length,
         start_token=start_token,
-        world_size=1,
+        micro_batches_per_step=1,
         minibatch_size=batch_size,
         seq_length=seq_length,
     )
