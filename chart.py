@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 
-import checkpointing
 import safe_files
 
 CHART_FILE = "big-training-run-chart.png"
@@ -72,6 +71,10 @@ def draw_loss_chart(points, best_step, png_path):
 def chart_points(checkpoints_dir):
     """The points and best step to draw for a run's checkpoints directory: the history
     `latest` carries (or, for the original scripts' runs, every checkpoint's)."""
+    # Imported here, not at the top: checkpointing imports torch, which takes seconds,
+    # and `chart.py --help` should answer at once.
+    import checkpointing
+
     points = checkpointing.run_history(checkpoints_dir)
     best = checkpointing.link_target(checkpoints_dir, "best")
     best_steps = {point["global_step"] for point in points}

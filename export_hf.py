@@ -12,18 +12,39 @@ import json
 from pathlib import Path
 
 import click
-from safetensors.torch import save_file
 
-import hf_gpt2
 import safe_files
 import tokenizer
-from checkpointing import read_weights
+from command_line import answer_usage_first
 from config import read_json_object, validate_model_config
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "README.md",
                 *TOKENIZER_FILES)
+
+
+@click.command()
+@click.argument("model_config_path", type=click.Path(dir_okay=False))
+@click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("--push-to-hub", "repo_id", metavar="REPO_ID", default=None,
+              help="Upload OUTPUT_DIR to this Hub model repo, creating it if needed.")
+@click.option("--private", is_flag=True,
+              help="Create the Hub repo as private (an existing repo keeps its visibility).")
+@click.option("--overwrite", is_flag=True, help="Replace files already in OUTPUT_DIR.")
+def main(**arguments):
+    """Export a checkpoint as a plain transformers GPT-2, with tokenizer and model card."""
+    export(**arguments)
+
+
+answer_usage_first(main)
+# Only now, with the command line known to be good: torch takes seconds to import, and
+# --help or a mistyped option should answer at once.
+from safetensors.torch import save_file  # noqa: E402
+
+import hf_gpt2  # noqa: E402
+from checkpointing import read_weights  # noqa: E402
 
 
 def load_gpt2_expressible_config(path):
@@ -176,16 +197,7 @@ def push_to_hub(output_dir, repo_id, private):
     return commit.commit_url
 
 
-@click.command()
-@click.argument("model_config_path", type=click.Path(dir_okay=False))
-@click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
-@click.argument("output_dir", type=click.Path(file_okay=False))
-@click.option("--push-to-hub", "repo_id", metavar="REPO_ID", default=None,
-              help="Upload OUTPUT_DIR to this Hub model repo, creating it if needed.")
-@click.option("--private", is_flag=True,
-              help="Create the Hub repo as private (an existing repo keeps its visibility).")
-@click.option("--overwrite", is_flag=True, help="Replace files already in OUTPUT_DIR.")
-def main(model_config_path, model_safetensors_path, output_dir, repo_id, private, overwrite):
+def export(model_config_path, model_safetensors_path, output_dir, repo_id, private, overwrite):
     if private and repo_id is None:
         raise click.UsageError("--private only applies with --push-to-hub REPO_ID")
     if repo_id is not None:

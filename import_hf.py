@@ -15,17 +15,34 @@ import re
 from pathlib import Path
 
 import click
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-import hf_gpt2
 import safe_files
+from command_line import answer_usage_first
 from config import read_json_object, validate_model_config
 
 OUTPUT_FILES = ("model.json", "model.safetensors")
 # Hub repo ids: "name" or "owner/name". Anything that exists locally is a local path.
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@click.command()
+@click.argument("hf_model")
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True,
+              help="Replace model.json / model.safetensors already in OUTPUT_DIR.")
+def main(**arguments):
+    """Import a transformers GPT-2 (Hub repo id or local directory) as model.json + weights."""
+    import_model(**arguments)
+
+
+answer_usage_first(main)
+# Only now, with the command line known to be good: torch takes seconds to import, and
+# --help or a mistyped option should answer at once.
+import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import hf_gpt2  # noqa: E402
 
 
 def download_from_hub(repo_id):
@@ -109,12 +126,7 @@ def resolve_source(hf_model):
     return download_from_hub(hf_model), True
 
 
-@click.command()
-@click.argument("hf_model")
-@click.argument("output_dir", type=click.Path(file_okay=False))
-@click.option("--overwrite", is_flag=True,
-              help="Replace model.json / model.safetensors already in OUTPUT_DIR.")
-def main(hf_model, output_dir, overwrite):
+def import_model(hf_model, output_dir, overwrite):
     output_dir = Path(output_dir)
     safe_files.refuse_to_overwrite(output_dir, OUTPUT_FILES, overwrite)
     source, from_hub = resolve_source(hf_model)

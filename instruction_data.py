@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import click
-import torch
 
 import safe_files
 from tokenizer import END_OF_TEXT_ID
@@ -134,6 +133,10 @@ def collate(sequences, context_length, end_of_text_id=END_OF_TEXT_ID):
     end-of-text stays a target (the model must learn to stop), every padding
     position after it is IGNORE_INDEX. Both are then cropped to context_length.
     """
+    # Imported here, the one place this module needs it: test_ift.py reads DATA_URL for
+    # its --help, which must not wait seconds for torch.
+    import torch
+
     width = max(len(sequence) for sequence in sequences)
     inputs = torch.full((len(sequences), width), end_of_text_id, dtype=torch.long)
     targets = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)

@@ -21,7 +21,6 @@ import random
 import re
 
 import click
-import openai
 
 DEFAULT_MODEL = "gpt-5.1"
 APIS = ("responses", "chat")
@@ -86,12 +85,20 @@ class Verdict:
     error: str | None = None
 
 
-def _client(settings) -> openai.AsyncOpenAI:
+# --- talking to the judge ---
+# Each function below that uses openai imports it itself, not once at the top: the SDK
+# takes seconds to import, and test_ift.py reads this module's defaults for its --help.
+
+def _client(settings) -> "openai.AsyncOpenAI":
+    import openai
+
     options = {"base_url": settings.base_url} if settings.base_url else {}
     return openai.AsyncOpenAI(api_key=settings.api_key, max_retries=0, **options)
 
 
 def _describe(error) -> str:
+    import openai
+
     if isinstance(error, openai.APIStatusError):
         body = error.body if isinstance(error.body, dict) else {}
         message = body.get("message") or error.message
@@ -100,6 +107,8 @@ def _describe(error) -> str:
 
 
 def _is_retryable(error) -> bool:
+    import openai
+
     if isinstance(error, openai.APIConnectionError):  # includes timeouts
         return True
     if not isinstance(error, openai.APIStatusError) or error.code == "insufficient_quota":
@@ -109,6 +118,8 @@ def _is_retryable(error) -> bool:
 
 def _fatal(error, settings) -> JudgeError | None:
     """A JudgeError for answers that would repeat for every record, else None."""
+    import openai
+
     if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return JudgeError(f"the judge at {settings.where} rejected the API key ({_describe(error)})")
     if isinstance(error, openai.NotFoundError):
@@ -137,6 +148,8 @@ def retry_delay(retry, headers=None) -> float:
 
 async def _with_retries(settings, request):
     """Await request() until it succeeds; an error that retrying can't fix is raised at once."""
+    import openai
+
     for retry in range(settings.max_retries + 1):
         try:
             return await request()
@@ -157,6 +170,8 @@ async def _ask(client, settings, prompt) -> str:
 
 
 async def _judge_one(client, settings, prompt) -> Verdict:
+    import openai
+
     reply = None
     for _ in range(2):  # a malformed reply gets one more chance
         try:
@@ -176,6 +191,8 @@ async def _judge_one(client, settings, prompt) -> Verdict:
 
 
 async def _check(settings):
+    import openai
+
     async with _client(settings) as client:
         try:
             page = await _with_retries(settings, lambda: client.models.list())
@@ -226,3 +243,21 @@ async def _score_all(settings, prompts, on_verdict):
 def score_all(settings, prompts, on_verdict):
     """Judge every prompt; on_verdict(index, Verdict) is called as each one finishes."""
     asyncio.run(_score_all(settings, prompts, on_verdict))
+
+
+@click.command()
+def main():
+    """The LLM judge of test_ift.py, which has no job of its own as a command.
+
+    test_ift.py asks it to score each answer from 0 to 100, by default through OpenAI's
+    Responses API, or through any server that speaks Chat Completions (Ollama, vLLM,
+    llama.cpp), retrying rate limits and server errors. test_ift.py's --judge-* options
+    choose the judge, and its --responses FILE judges a saved results file again: see
+    `uv run python test_ift.py --help`.
+    """
+    raise click.UsageError("judge.py is the judge module of test_ift.py, not a command: "
+                           "see `uv run python test_ift.py --help`")
+
+
+if __name__ == "__main__":
+    main()

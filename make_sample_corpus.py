@@ -28,8 +28,6 @@ import sysconfig
 from pathlib import Path
 
 import click
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import safe_files
 
@@ -195,6 +193,11 @@ def write_parquet_files(rows, folder: Path, documents_per_file, rows_per_group):
     """Write rows into 000_00000.parquet, 001_00000.parquet, ... (FineWeb's naming).
 
     Returns (documents, bytes of text) for each file written."""
+    # Imported here, not at the top: pyarrow takes a second or more to import, and --help
+    # or a mistyped option should answer at once.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("url", pa.string())])
     written, file_number, batch = [], 0, []
 

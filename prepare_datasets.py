@@ -34,18 +34,52 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
 import safe_files
 import tokenizer
+from command_line import answer_usage_first
 
 SPLITS = ("train", "validation")
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 TRAIN_PERCENT = 99
 DEFAULT_FILES = "sample/10BT/*.parquet"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@click.command()
+@click.argument("input_dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output_dataset_dir", type=click.Path(path_type=Path))
+@click.option("--files", "files_pattern", default=DEFAULT_FILES, show_default=True,
+              help="Which parquet files to read: a glob relative to INPUT_DATASET_DIR "
+                   "(** matches any depth).")
+@click.option("--text-column", default="text", show_default=True,
+              help="The parquet column holding each document's text.")
+@click.option("--workers", type=click.IntRange(min=1), default=usable_cpus(), show_default="all cores",
+              help="Tokenizer processes.")
+@click.option("--batch-documents", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Documents per unit of work handed to a tokenizer process.")
+@click.option("--force", is_flag=True,
+              help="Replace train.safetensors / validation.safetensors if they already exist "
+                   "(only once the new ones are complete; nothing else is touched).")
+def main(**arguments):
+    """Tokenize INPUT_DATASET_DIR's parquet files into OUTPUT_DATASET_DIR/{train,validation}.safetensors."""
+    prepare(**arguments)
+
+
+answer_usage_first(main)
+# Only now, with the command line known to be good: numpy and pyarrow take a while to
+# import, and --help or a mistyped option should answer at once.
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 
 # A safetensors file is: u64 little-endian header length, a JSON header, then the raw tensor
 # data. We don't know the token count until the end, so we reserve room for the header up
@@ -224,13 +258,6 @@ def _start_worker():
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def tokenize_corpus(files, text_column, writers, train_documents, total_documents, workers,
                     batch_documents):
     """Tokenize every document into the split writers, in order. Returns the token count."""
@@ -285,24 +312,8 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-@click.command()
-@click.argument("input_dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("output_dataset_dir", type=click.Path(path_type=Path))
-@click.option("--files", "files_pattern", default=DEFAULT_FILES, show_default=True,
-              help="Which parquet files to read: a glob relative to INPUT_DATASET_DIR "
-                   "(** matches any depth).")
-@click.option("--text-column", default="text", show_default=True,
-              help="The parquet column holding each document's text.")
-@click.option("--workers", type=click.IntRange(min=1), default=usable_cpus(), show_default="all cores",
-              help="Tokenizer processes.")
-@click.option("--batch-documents", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Documents per unit of work handed to a tokenizer process.")
-@click.option("--force", is_flag=True,
-              help="Replace train.safetensors / validation.safetensors if they already exist "
-                   "(only once the new ones are complete; nothing else is touched).")
-def main(input_dataset_dir, output_dataset_dir, files_pattern, text_column, workers,
-         batch_documents, force):
-    """Tokenize INPUT_DATASET_DIR's parquet files into OUTPUT_DATASET_DIR/{train,validation}.safetensors."""
+def prepare(input_dataset_dir, output_dataset_dir, files_pattern, text_column, workers,
+            batch_documents, force):
     dtype = token_dtype(tokenizer.get_tokenizer().n_vocab)
     assert dtype == np.dtype("<u2")
 

@@ -21,21 +21,78 @@ from functools import partial
 from pathlib import Path
 
 import click
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import instruction_data
 import judge
 import safe_files
 import tokenizer
-from checkpointing import load_model
-from devices import autocast, choose_device_and_dtype
-from gpt import generate
+from command_line import answer_usage_first
 
 VALIDATION_BATCHES = 5  # the seed's validation loss: the first five batches
 EXAMPLES_SHOWN = 3
+
+
+@click.command()
+@click.argument("model_config_path", required=False, type=click.Path(dir_okay=False))
+@click.argument("model_safetensors_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", default="instruction-data.json", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="JSON list of {instruction, input, output} records; downloaded from --data-url "
+                   "when the file doesn't exist.")
+@click.option("--data-url", default=instruction_data.DATA_URL, show_default=True,
+              help="Where to download --data from when it is missing.")
+@click.option("--max-epochs", type=click.IntRange(min=0), default=None,
+              help="Stop after this many epochs even if the validation loss still falls "
+                   "(default: no limit, as the seed). 0 skips fine-tuning.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Fine-tuning batch size.")
+@click.option("--learning-rate", default=5e-5, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate.")
+@click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0),
+              help="AdamW weight decay.")
+@click.option("--seed", default=123, show_default=True, type=int,
+              help="Seeds the shuffling of the training records and dropout.")
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Precision for fine-tuning and generation (autocast).")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Longest answer generated.")
+@click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Test prompts answered at once (the answers don't depend on it).")
+@click.option("--results", default="ift-results.json", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="JSON file for every test record: prompt, reference, response, score or error.")
+@click.option("--responses", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Judge the responses in this results file again: no fine-tuning or generation.")
+@click.option("--no-judge", is_flag=True, help="Stop after writing the responses to --results.")
+@click.option("--judge-model", default=judge.DEFAULT_MODEL, show_default=True,
+              help="Model that scores the responses.")
+@click.option("--judge-api", type=click.Choice(judge.APIS), default="responses", show_default=True,
+              help="OpenAI's Responses API, or Chat Completions (what Ollama, vLLM and llama.cpp "
+                   "serve).")
+@click.option("--judge-base-url", envvar="OPENAI_BASE_URL", show_envvar=True, default=None,
+              help="An OpenAI-compatible server, e.g. http://localhost:11434/v1 "
+                   "(default: api.openai.com).")
+@click.option("--judge-concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Judge requests in flight at once.")
+@click.option("--judge-max-retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a request after a rate limit, server error or lost connection.")
+def main(**arguments):
+    """Fine-tune on instructions, answer the held-out ones, and have an LLM judge score them."""
+    instruction_test(**arguments)
+
+
+answer_usage_first(main)
+# Only now, with the command line known to be good: torch takes seconds to import, and
+# --help or a mistyped option should answer at once.
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpointing import load_model  # noqa: E402
+from devices import autocast, choose_device_and_dtype  # noqa: E402
+from gpt import generate  # noqa: E402
 
 
 # --- fine-tuning ---
@@ -247,58 +304,12 @@ def print_scores(results, results_path):
     print(f"Results written to {results_path}")
 
 
-# --- the command ---
+# --- the whole test ---
 
-@click.command()
-@click.argument("model_config_path", required=False, type=click.Path(dir_okay=False))
-@click.argument("model_safetensors_path", required=False, type=click.Path(dir_okay=False))
-@click.option("--data", default="instruction-data.json", show_default=True,
-              type=click.Path(dir_okay=False),
-              help="JSON list of {instruction, input, output} records; downloaded from --data-url "
-                   "when the file doesn't exist.")
-@click.option("--data-url", default=instruction_data.DATA_URL, show_default=True,
-              help="Where to download --data from when it is missing.")
-@click.option("--max-epochs", type=click.IntRange(min=0), default=None,
-              help="Stop after this many epochs even if the validation loss still falls "
-                   "(default: no limit, as the seed). 0 skips fine-tuning.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Fine-tuning batch size.")
-@click.option("--learning-rate", default=5e-5, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate.")
-@click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0),
-              help="AdamW weight decay.")
-@click.option("--seed", default=123, show_default=True, type=int,
-              help="Seeds the shuffling of the training records and dropout.")
-@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Precision for fine-tuning and generation (autocast).")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Longest answer generated.")
-@click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Test prompts answered at once (the answers don't depend on it).")
-@click.option("--results", default="ift-results.json", show_default=True,
-              type=click.Path(dir_okay=False),
-              help="JSON file for every test record: prompt, reference, response, score or error.")
-@click.option("--responses", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="Judge the responses in this results file again: no fine-tuning or generation.")
-@click.option("--no-judge", is_flag=True, help="Stop after writing the responses to --results.")
-@click.option("--judge-model", default=judge.DEFAULT_MODEL, show_default=True,
-              help="Model that scores the responses.")
-@click.option("--judge-api", type=click.Choice(judge.APIS), default="responses", show_default=True,
-              help="OpenAI's Responses API, or Chat Completions (what Ollama, vLLM and llama.cpp "
-                   "serve).")
-@click.option("--judge-base-url", envvar="OPENAI_BASE_URL", show_envvar=True, default=None,
-              help="An OpenAI-compatible server, e.g. http://localhost:11434/v1 "
-                   "(default: api.openai.com).")
-@click.option("--judge-concurrency", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Judge requests in flight at once.")
-@click.option("--judge-max-retries", default=5, show_default=True, type=click.IntRange(min=0),
-              help="Retries of a request after a rate limit, server error or lost connection.")
-def main(model_config_path, model_safetensors_path, data, data_url, max_epochs, batch_size,
-         learning_rate, weight_decay, seed, device, dtype, max_new_tokens, generation_batch_size,
-         results, responses, no_judge, judge_model, judge_api, judge_base_url, judge_concurrency,
-         judge_max_retries):
-    """Fine-tune on instructions, answer the held-out ones, and have an LLM judge score them."""
+def instruction_test(model_config_path, model_safetensors_path, data, data_url, max_epochs,
+                     batch_size, learning_rate, weight_decay, seed, device, dtype, max_new_tokens,
+                     generation_batch_size, results, responses, no_judge, judge_model, judge_api,
+                     judge_base_url, judge_concurrency, judge_max_retries):
     if responses and no_judge:
         raise click.UsageError("--responses judges a results file again; --no-judge leaves "
                                "nothing to do")

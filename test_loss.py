@@ -11,13 +11,43 @@ import math
 from pathlib import Path
 
 import click
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-import token_data
-from checkpointing import load_model
-from devices import autocast, choose_device_and_dtype
+from command_line import answer_usage_first
+
+
+@click.command()
+@click.argument("datasets_dir", type=click.Path(file_okay=False))
+@click.argument("model_config_path", type=click.Path(dir_okay=False))
+@click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
+@click.option("--dataset", default="gpjt/fineweb-gpt2-tokens", show_default=True,
+              help="Hugging Face dataset repo id (fetched into DATASETS_DIR/<repo id>), or a "
+                   "local directory holding the split file.")
+@click.option("--split", default="validation", show_default=True,
+              help="Which split file to read: <split>.safetensors.")
+@click.option("--start-token", default=50_000_000, show_default=True, type=click.IntRange(min=0),
+              help="Index of the first token of the slice.")
+@click.option("--batches", default=3200, show_default=True, type=click.IntRange(min=1),
+              help="Number of batches to evaluate.")
+@click.option("--batch-size", default=6, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per batch.")
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Autocast precision (default: bf16 where supported, else fp16 on GPUs and fp32 on CPUs).")
+def main(**arguments):
+    """Print a checkpoint's mean loss (and perplexity) on a held-out slice of a token dataset."""
+    report_loss(**arguments)
+
+
+answer_usage_first(main)
+# Only now, with the command line known to be good: torch takes seconds to import, and
+# --help or a mistyped option should answer at once.
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import token_data  # noqa: E402
+from checkpointing import load_model  # noqa: E402
+from devices import autocast, choose_device_and_dtype  # noqa: E402
 
 
 def dataset_directory(dataset, datasets_dir, split):
@@ -44,27 +74,8 @@ def mean_loss(model, batches, device, dtype_name):
     return total.item() / len(batches)
 
 
-@click.command()
-@click.argument("datasets_dir", type=click.Path(file_okay=False))
-@click.argument("model_config_path", type=click.Path(dir_okay=False))
-@click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
-@click.option("--dataset", default="gpjt/fineweb-gpt2-tokens", show_default=True,
-              help="Hugging Face dataset repo id (fetched into DATASETS_DIR/<repo id>), or a "
-                   "local directory holding the split file.")
-@click.option("--split", default="validation", show_default=True,
-              help="Which split file to read: <split>.safetensors.")
-@click.option("--start-token", default=50_000_000, show_default=True, type=click.IntRange(min=0),
-              help="Index of the first token of the slice.")
-@click.option("--batches", default=3200, show_default=True, type=click.IntRange(min=1),
-              help="Number of batches to evaluate.")
-@click.option("--batch-size", default=6, show_default=True, type=click.IntRange(min=1),
-              help="Sequences per batch.")
-@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Autocast precision (default: bf16 where supported, else fp16 on GPUs and fp32 on CPUs).")
-def main(datasets_dir, model_config_path, model_safetensors_path, dataset, split, start_token,
-         batches, batch_size, device, dtype):
-    """Print a checkpoint's mean loss (and perplexity) on a held-out slice of a token dataset."""
+def report_loss(datasets_dir, model_config_path, model_safetensors_path, dataset, split, start_token,
+                batches, batch_size, device, dtype):
     try:
         device, dtype_name = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:

@@ -7,18 +7,18 @@ temperature 1.4, top-k 25.
 """
 
 import click
-import torch
 
 import tokenizer
-from checkpointing import load_model
-from devices import resolve_device
-from gpt import generate
+
+# The line printed between the prompt and the generated text.
+SEPARATOR = "--- generated ---"
 
 
 @click.command()
 @click.argument("model_config_path", type=click.Path(dir_okay=False))
 @click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
-@click.option("--prompt", default="Every effort moves you", show_default=True)
+@click.option("--prompt", default="Every effort moves you", show_default=True,
+              help="The text the model continues.")
 @click.option("--num-tokens", default=20, show_default=True, type=click.IntRange(min=1),
               help="How many new tokens to generate.")
 @click.option("--temperature", default=1.4, show_default=True, type=click.FloatRange(min=0.0),
@@ -29,6 +29,19 @@ from gpt import generate
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 def main(model_config_path, model_safetensors_path, prompt, num_tokens, temperature, top_k,
          seed, device):
+    """Print a prompt and the model's continuation of it, sampled from a checkpoint.
+
+    The prompt comes first, then a line "--- generated ---", then the new text exactly
+    as decoded (often starting with a space): prompt and new text joined are the whole.
+    """
+    # Imported only now that the command line is parsed: torch takes seconds to import,
+    # and --help or a mistyped option should answer at once.
+    import torch
+
+    from checkpointing import load_model
+    from devices import resolve_device
+    from gpt import generate
+
     try:
         device = resolve_device(device)
     except (ValueError, RuntimeError) as error:
@@ -40,7 +53,11 @@ def main(model_config_path, model_safetensors_path, prompt, num_tokens, temperat
     if not prompt_ids:
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     new_ids = generate(model, [prompt_ids], num_tokens, temperature=temperature, top_k=top_k)[0]
-    print(tokenizer.decode(prompt_ids + new_ids))
+    # Decoded apart, the two halves still join to the whole text: the prompt's tokens end
+    # on a character boundary, since they were encoded from text.
+    print(tokenizer.decode(prompt_ids))
+    print(SEPARATOR)
+    print(tokenizer.decode(new_ids))
 
 
 if __name__ == "__main__":

@@ -149,10 +149,13 @@ def load_dataset(dataset_dir, split, min_tokens, start_token, micro_batches_per_
     wanted = num_global_batches * global_batch + 1
     if num_global_batches == 0 or wanted > available:
         wanted = max(wanted, global_batch + 1)
+        # In the words both callers share: ddp_train's micro-batches and test_loss's batches
+        # are each minibatch_size sequences of seq_length tokens.
+        batches = wanted // (minibatch_size * seq_length)
         raise DatasetError(
             f"{path}: not enough tokens: {wanted:,} wanted from token {start_token:,} "
-            f"({micro_batches_per_step} rank(s) x {minibatch_size} sequences x {seq_length} tokens per global "
-            f"batch, plus one), {available:,} available"
+            f"({batches:,} batch(es) of {minibatch_size} sequences x {seq_length} tokens, plus one), "
+            f"{available:,} available"
         )
     return TokenBatches(tokens[start_token:start_token + wanted], path,
                         tokens.offset + start_token * tokens.dtype.itemsize,

@@ -243,7 +243,8 @@ def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_pat
     with torch.no_grad():
         for _ in range(8):  # greedy decoding with transformers' forward pass
             tokens.append(theirs(torch.tensor([tokens])).logits[0, -1].argmax().item())
-    assert smoke.stdout == tokenizer.decode(tokens) + "\n"
+    prompt, continuation = smoke.stdout.removesuffix("\n").split(f"\n{test_smoke.SEPARATOR}\n")
+    assert prompt + continuation == tokenizer.decode(tokens)
 
 
 # --- a checkpoint of a run, exported with tokenizer and model card, pushed to the Hub ---

@@ -11,6 +11,7 @@ import pytest
 import tokenizer
 from gpt import generate
 from helpers import one_line_error, write_tiny_checkpoint
+from test_smoke import SEPARATOR
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=50257, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
@@ -35,8 +36,8 @@ def test_prints_prompt_and_greedy_continuation(checkpoint):
                        "--temperature", "0", "--num-tokens", "12", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     prompt_ids = tokenizer.encode("Every effort moves you")
-    expected = tokenizer.decode(prompt_ids + generate(model, [prompt_ids], 12)[0])
-    assert result.stdout == expected + "\n"
+    continuation = tokenizer.decode(generate(model, [prompt_ids], 12)[0])
+    assert result.stdout == f"Every effort moves you\n{SEPARATOR}\n{continuation}\n"
 
 
 def test_seeded_sampling_is_reproducible_and_has_the_seed_defaults(checkpoint):
@@ -45,11 +46,10 @@ def test_seeded_sampling_is_reproducible_and_has_the_seed_defaults(checkpoint):
             for _ in range(2)]
     assert runs[0].returncode == 0, runs[0].stderr
     assert runs[0].stdout == runs[1].stdout
-    text = runs[0].stdout
-    assert text.startswith("Every effort moves you")
-    # 20 new tokens by default; decoding and re-encoding may merge a few across the boundary
-    assert len(tokenizer.encode(text[len("Every effort moves you"):])) >= 10
-
+    prompt, continuation = runs[0].stdout.removesuffix("\n").split(f"\n{SEPARATOR}\n", 1)
+    assert prompt == "Every effort moves you"
+    # 20 new tokens by default; decoding and re-encoding may merge a few
+    assert len(tokenizer.encode(continuation)) >= 10
 
 
 def test_missing_weights_file(checkpoint, tmp_path):
@@ -87,6 +87,16 @@ def test_invalid_model_config(checkpoint, tmp_path):
     config_path.write_text(json.dumps({**CONFIG, "n_heads": 5}))
     one_line_error(run_smoke(config_path, directory / "model.safetensors"),
                    str(config_path), "'emb_dim' (32) must be divisible by 'n_heads' (5)")
+
+
+def test_a_prompt_of_several_lines_comes_back_whole(checkpoint):
+    directory, model = checkpoint
+    prompt = "Two lines,\nand a café."
+    result = run_smoke(directory / "model.json", directory / "model.safetensors", "--prompt", prompt,
+                       "--temperature", "0", "--num-tokens", "5", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    continuation = tokenizer.decode(generate(model, [tokenizer.encode(prompt)], 5)[0])
+    assert result.stdout == f"{prompt}\n{SEPARATOR}\n{continuation}\n"
 
 
 def test_bad_option_is_a_usage_error(checkpoint):

@@ -103,3 +103,13 @@ def test_token_ids_outside_the_vocabulary(tmp_path):
                            "--dataset", data_dir, "--start-token", 0, "--batches", 3,
                            "--batch-size", 2, "--device", "cpu")
     one_line_error(result, "validation.safetensors", "token id 5000", "vocabulary of 100")
+
+
+def test_a_slice_past_the_end_says_what_it_wanted_in_test_loss_words(checkpoint, tokens, tmp_path):
+    directory, _ = checkpoint
+    _, dataset_dir, _ = tokens
+    result = run_test_loss(tmp_path, directory / "model.json", directory / "model.safetensors",
+                           "--dataset", dataset_dir, "--start-token", 1900, "--batches", 5,
+                           "--batch-size", 3, "--device", "cpu")
+    one_line_error(result, "validation.safetensors", "not enough tokens: 241 wanted from token 1,900",
+                   "(5 batch(es) of 3 sequences x 16 tokens, plus one), 100 available")

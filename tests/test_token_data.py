@@ -86,8 +86,8 @@ def test_too_few_tokens_and_bad_starts_say_what_is_wanted_and_available(dataset)
     with pytest.raises(DatasetError) as error:
         load_dataset(directory, "train", 960, 50, 2, 3, 16)
     assert error.value.message == (
-        f"{path}: not enough tokens: 961 wanted from token 50 (2 rank(s) x 3 sequences x 16 "
-        f"tokens per global batch, plus one), 950 available")
+        f"{path}: not enough tokens: 961 wanted from token 50 (20 batch(es) of 3 sequences x 16 "
+        f"tokens, plus one), 950 available")
     with pytest.raises(DatasetError) as error:
         load_dataset(directory, "train", -1, 950, 2, 3, 16)
     assert "not enough tokens: 97 wanted from token 950" in error.value.message

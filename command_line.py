@@ -1,0 +1,41 @@
+"""Answering `--help` and usage mistakes before a script's slow imports.
+
+torch takes seconds to import (tens of seconds on a busy machine that has to compile it
+from source), and numpy, pyarrow and openai add more. Someone who asks a script for
+`--help`, or mistypes an option, should hear back at once. A script whose module-level
+code needs those libraries defines its click command first, with light imports only,
+then calls answer_usage_first(main) and only then imports the heavy ones.
+
+This module imports nothing but the standard library and click, and must stay so.
+"""
+
+import os
+import sys
+
+import click
+
+
+def answer_usage_first(command: click.Command) -> None:
+    """Parse the command line now if `command` belongs to the program being run.
+
+    `--help` prints the help and exits 0; a usage mistake (unknown option, missing
+    argument, bad value) prints what click prints for it and exits with click's code
+    (2). A good command line returns here, and the script goes on to its imports; its
+    `main()` at the bottom parses the same arguments again, which costs next to nothing.
+
+    Importing the script (tests, multiprocessing workers) does nothing: only the module
+    run as the program, `__main__`, answers for the command line.
+    """
+    if getattr(command.callback, "__module__", None) != "__main__":
+        return
+    # The program name as click's own main() shows it for `python script.py`.
+    program_name = os.path.basename(sys.argv[0])
+    try:
+        context = command.make_context(program_name, sys.argv[1:])
+    except click.exceptions.Exit as finished:  # --help has printed its answer
+        sys.exit(finished.exit_code)
+    except click.ClickException as mistake:
+        mistake.show()
+        sys.exit(mistake.exit_code)
+    # Parsing only checked the arguments; main() will open whatever they name.
+    context.close()
