@@ -38,11 +38,13 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import signal
 import time
 from pathlib import Path
@@ -53,7 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import safe_files
-from config import MODEL_KEYS, load_model_config
+from config import MODEL_KEYS, ConfigError, load_model_config
 from gpt import GPTModel
 
 
@@ -172,6 +174,25 @@ def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
     model = GPTModel(load_model_config(model_config_path))
     load_weights_into(model, weights_path, model_config_path=model_config_path)
     return model.to(device).eval()
+
+
+def initial_weights_file(run_dir: Path, init_from: str, model_config: dict) -> Path:
+    """train.json's init_from: a model.safetensors (relative paths are relative to the run
+    directory) whose sibling model.json describes the same model as the run's."""
+    weights_path = run_dir / Path(init_from).expanduser()
+    where = f"{run_dir / 'train.json'}: key 'init_from'"
+    if not weights_path.is_file():
+        raise ConfigError(f"{where}: {weights_path} does not exist")
+    their_config = load_model_config(weights_path.parent / "model.json")
+    # drop_rate is no part of the weights: a run may train them with its own.
+    different = [key for key in model_config
+                 if key != "drop_rate" and their_config.get(key) != model_config[key]]
+    if different:
+        key = different[0]
+        raise ConfigError(f"{where}: {weights_path.parent / 'model.json'} has {key} "
+                          f"{their_config.get(key)!r}, {run_dir / 'model.json'} has {model_config[key]!r}; "
+                          f"the weights fit only the model they were written for")
+    return weights_path
 
 
 # --- listing ---
@@ -424,6 +445,38 @@ def check_resumable(checkpoint: Checkpoint, *, world_size: int, gradient_accumul
             f"{path}: written by {their_ranks} rank(s) x {their_steps} accumulation step(s), this "
             f"run has {world_size} x {gradient_accumulation_steps}; resuming would skip or repeat "
             f"training batches: {advice}")
+
+
+# --- one trainer per run ---
+
+LOCK_FILE = ".training.lock"
+
+
+def lock_run(run_dir):
+    """Hold run_dir's lock for as long as the returned file stays open: the trainer's
+    global rank 0 does, for the whole run. Two trainers in one run directory (a resume
+    started beside a job still running, or its orphaned ranks) would write a checkpoint
+    each for every step and flip best and latest between them. The kernel releases the
+    lock when the process dies, so a crash never leaves a stale one."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        file = open(path, "a+", encoding="utf-8")
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot open the run's lock file ({error.strerror})") from None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise CheckpointError(f"{run_dir} is being trained by {holder}; two trainers would write "
+                              f"over each other's checkpoints: stop that one first") from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on {socket.gethostname()}, "
+               f"started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    file.flush()
+    return file
 
 
 # --- writing ---

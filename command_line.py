@@ -10,6 +10,7 @@ This module imports nothing but the standard library and click, and must stay so
 """
 
 import os
+import shlex
 import sys
 
 import click
@@ -39,3 +40,16 @@ def answer_usage_first(command: click.Command) -> None:
         sys.exit(mistake.exit_code)
     # Parsing only checked the arguments; main() will open whatever they name.
     context.close()
+
+
+def relaunch_command(script_and_arguments: list[str]) -> str:
+    """The command line that runs a script again as it runs now, launcher included: under
+    torchrun, rebuilt from what torchrun tells its ranks (multi-node rendezvous options
+    are not told, so they must be added by hand on every node)."""
+    command = ["python"]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        command = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+        if nodes > 1:
+            command.insert(1, f"--nnodes={nodes}")
+    return "uv run " + shlex.join(command + script_and_arguments)

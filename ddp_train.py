@@ -32,28 +32,75 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
+
+from command_line import answer_usage_first, relaunch_command
+
 # The process that started this one (torchrun, or the shell of a plain run), read before
 # the slow imports below: see parallel.die_with_launcher.
 LAUNCHER_PID = os.getppid()
 
-import click  # noqa: E402
-import torch
-from torch.distributed.tensor import DTensor
 
-import checkpointing
-import devices
-from chart import CHART_FILE, draw_loss_chart
-from config import ConfigError, TrainConfig, load_model_config, load_train_config
-from gpt import GPTModel
-from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at, load_optimizer_state,
-                       set_learning_rate)
-from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher, finish_process_group,
-                      first_on_each_node, full_model_state, read_ranks, restore_rng_states, rng_states,
+@click.command()
+@click.argument("run")
+@click.argument("datasets_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False)
+@click.option("--device", "device_name", type=click.Choice(["cuda", "mps", "cpu"]), default=None,
+              help="Where to train (default: cuda if available, else mps, else cpu).")
+def main(run, datasets_dir, checkpoint, device_name):
+    """Train the model of runs/RUN on the dataset in its train.json (see the README).
+
+    CHECKPOINT resumes: latest, best, a checkpoint's directory name, or auto (the newest
+    checkpoint if there is one, else a fresh start)."""
+    ranks = read_ranks()
+    die_with_launcher(ranks, LAUNCHER_PID)
+    try:
+        train(run, datasets_dir, checkpoint, device_name, ranks)
+    except click.ClickException as error:
+        # torchrun's failure summary then names our line as the root cause.
+        report_to_launcher(error.format_message())
+        # Every rank hits the same user mistake; one line per node is enough.
+        if ranks.local_rank != 0:
+            raise SystemExit(error.exit_code) from None
+        raise
+    except KeyboardInterrupt:
+        if ranks.local_rank == 0:
+            print(f"\ninterrupted: resume from the newest checkpoint with\n"
+                  f"  {relaunch_command(['ddp_train.py', run, str(datasets_dir), 'auto'] + (['--device', device_name] if device_name else []))}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if ranks.rank == 0 or not lost_a_peer(error):
+            raise
+        # Another rank failed and said why; this one only saw the connection drop.
+        print(f"rank {ranks.rank}: stopped, another rank failed ({first_line(error)})", file=sys.stderr)
+        report_to_launcher(f"stopped: another rank failed ({first_line(error)})")
+        raise SystemExit(1) from None
+
+
+# `--help` and usage mistakes are answered before torch is imported, which takes seconds
+# (tens of seconds on a busy machine).
+answer_usage_first(main)
+
+import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+import checkpointing  # noqa: E402
+import devices  # noqa: E402
+from chart import CHART_FILE, draw_loss_chart  # noqa: E402
+from config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
+from gpt import GPTModel  # noqa: E402
+from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at,  # noqa: E402
+                       load_optimizer_state, set_learning_rate)
+from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
+                      finish_process_group, first_on_each_node, full_model_state, lost_a_peer,
+                      main_rank_first, read_ranks, report_to_launcher, restore_rng_states, rng_states,
                       start_process_group, wrap_model)
-from token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir
-from training_progress import TrainingProgress
+from safe_files import first_line  # noqa: E402
+from token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir  # noqa: E402
+from training_progress import TrainingProgress  # noqa: E402
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
+STARTUP_CHECKED_BATCHES = 100   # train batches whose token ids are checked before training
 
 
 # --- inputs: run directory, configs, checkpoint to resume, device and precision ---
@@ -85,25 +132,6 @@ def find_checkpoint_to_resume(checkpoints_dir: Path, name: str | None):
             f"that directory away to start this run again"
         )
     return None
-
-
-def initial_weights_file(run_dir: Path, train_config: TrainConfig, model_config: dict) -> Path:
-    """train.json's init_from: a model.safetensors (relative paths are relative to the run
-    directory) whose sibling model.json describes the same model as the run's."""
-    weights_path = run_dir / Path(train_config.init_from).expanduser()
-    where = f"{run_dir / 'train.json'}: key 'init_from'"
-    if not weights_path.is_file():
-        raise ConfigError(f"{where}: {weights_path} does not exist")
-    their_config = load_model_config(weights_path.parent / "model.json")
-    # drop_rate is no part of the weights: a run may train them with its own.
-    different = [key for key in model_config
-                 if key != "drop_rate" and their_config.get(key) != model_config[key]]
-    if different:
-        key = different[0]
-        raise ConfigError(f"{where}: {weights_path.parent / 'model.json'} has {key} "
-                          f"{their_config.get(key)!r}, {run_dir / 'model.json'} has {model_config[key]!r}; "
-                          f"the weights fit only the model they were written for")
-    return weights_path
 
 
 def choose_device(name: str | None, ranks: Ranks) -> torch.device:
@@ -161,6 +189,7 @@ class Training:
     start_step: int = 0
     best_loss: float = math.inf
     history: list = field(default_factory=list)   # a {global_step, train_loss, val_loss, is_best} per checkpoint
+    run_lock: object = None       # global rank 0's hold on the run directory (checkpointing.lock_run)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -179,13 +208,14 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
                                       minibatch_size=config.minibatch_size,
                                       context_length=model_config["context_length"])
     # Starting weights from a file: for a fresh run only (a resume has its own).
-    init_from = (initial_weights_file(run_dir, config, model_config)
+    init_from = (checkpointing.initial_weights_file(run_dir, config.init_from, model_config)
                  if config.init_from is not None and resume_from is None else None)
     device = choose_device(device_name, ranks)
     devices.enable_tf32(device)
     dtype_name = choose_dtype(run_dir / "train.json", config, device)
 
     start_process_group(ranks, device)
+    run_lock = main_rank_first(lambda: checkpointing.lock_run(run_dir), ranks, checkpointing.CheckpointError)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir = Path(first_on_each_node(
         lambda: str(resolve_dataset_dir(config.dataset, datasets_dir)), ranks, DatasetError))
@@ -193,11 +223,16 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     # min_train_tokens' rounding) counts in those.
     micro_batches_per_step = ranks.world_size * config.gradient_accumulation_steps
     context_length = model_config["context_length"]
+    # Every batch's token ids are checked against vocab_size as it is read.
+    vocab_size = model_config["vocab_size"]
     train_batches = load_dataset(dataset_dir, "train", config.min_train_tokens, config.start_train_token,
-                                 micro_batches_per_step, config.minibatch_size, context_length)
+                                 micro_batches_per_step, config.minibatch_size, context_length, vocab_size)
     val_batches = load_dataset(dataset_dir, "validation",
                                config.validation_batches * config.minibatch_size * context_length,
-                               config.start_val_token, 1, config.minibatch_size, context_length)
+                               config.start_val_token, 1, config.minibatch_size, context_length, vocab_size)
+    # ...and the first ones now, so that data for another vocabulary stops the run here.
+    checked_batches = min(len(train_batches), STARTUP_CHECKED_BATCHES)
+    main_rank_first(lambda: read_first_batches(train_batches, val_batches, checked_batches), ranks, DatasetError)
 
     # Same initial weights on every rank (DDP broadcasts rank 0's anyway), then each
     # rank its own stream for dropout.
@@ -205,9 +240,10 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     torch.manual_seed(seed)
     model = GPTModel(model_config)
     if init_from is not None:
-        checkpointing.load_weights_into(model, init_from)
+        checkpointing.load_weights_into(model, init_from, model_config_path=run_dir / "model.json")
     if resume_from is not None:
-        checkpointing.load_weights_into(model, resume_from.path / checkpointing.MODEL_FILE)
+        checkpointing.load_weights_into(model, resume_from.path / checkpointing.MODEL_FILE,
+                                        model_config_path=run_dir / "model.json")
     model.to(device)
     torch.manual_seed(seed + ranks.rank)
     wrapped = wrap_model(model, ranks, device, dtype_name, parallelism=config.parallelism,
@@ -217,21 +253,33 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
         total_steps=len(train_batches) // micro_batches_per_step,
         tokens_per_step=micro_batches_per_step * config.minibatch_size * context_length,
         model=wrapped, optimizer=build_optimizer(model, config, device),
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"))
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"), run_lock=run_lock)
     if resume_from is not None:
         resume(training, resume_from)
 
     if ranks.is_main:
         checkpointing.remove_leftovers(training.checkpoints_dir)
+        for warning in checkpointing.link_warnings(training.checkpoints_dir):
+            print(warning)
         parameters = sum(p.numel() for p in model.parameters())
         print(f"{run_dir}: {parameters:,} parameters, {dtype_name} on {ranks.world_size} x {device.type}"
               + (f", {config.parallelism}" if wrapped.sharded else "")
               + (f", starting from {init_from}" if init_from is not None else "") + "; "
               f"dataset {dataset_dir}: {training.total_steps:,} global steps of "
-              f"{training.tokens_per_step:,} tokens"
+              f"{training.tokens_per_step:,} tokens; token ids of the first {checked_batches + len(val_batches):,} "
+              f"batches checked against vocab_size {vocab_size:,}"
               + (f"; resuming from {resume_from.name} at step {training.start_step:,}" if resume_from
                  else "; auto: no checkpoint yet, starting fresh" if checkpoint_name == "auto" else ""))
     return training
+
+
+def read_first_batches(train_batches: TokenBatches, val_batches: TokenBatches, count: int) -> None:
+    """Read, and so check the token ids of, the first `count` train batches and every
+    validation batch."""
+    for index in range(count):
+        train_batches[index]
+    for index in range(len(val_batches)):
+        val_batches[index]
 
 
 def resume(training: Training, checkpoint: checkpointing.Checkpoint) -> None:
@@ -268,7 +316,9 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     if training.start_step >= training.total_steps:
         if ranks.is_main:
             print(f"nothing to train: {training.resumed_from.name} is at the last of the dataset's "
-                  f"{training.total_steps:,} global steps")
+                  f"{training.total_steps:,} global steps; to train longer, raise min_train_tokens in "
+                  f"{training.run_dir / 'train.json'} (-1: the whole split) and resume again (with the "
+                  f"cosine schedule, the learning rate then follows the longer run's curve)")
         finish_process_group(ranks)
         return
 
@@ -362,6 +412,9 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
     optimizer_state = full_optimizer_state(model.model, training.optimizer, sharded=model.sharded)
     saved_name = None
     if ranks.is_main:
+        warning = checkpointing.low_space_warning(training.checkpoints_dir)
+        if warning is not None:
+            progress.write(warning)
         meta = checkpointing.checkpoint_meta(
             global_step=step, train_loss=train_loss, val_loss=val_loss, is_best=is_best,
             history=training.history, learning_rate=learning_rate,
@@ -375,37 +428,11 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
         saved = checkpointing.save_checkpoint(
             training.checkpoints_dir, model_state=model_state, optimizer_state=optimizer_state,
             scaler_state=training.scaler.state_dict(), rng_state=rng_state, meta=meta,
-            keep=config.keep_checkpoints)
+            keep=config.keep_checkpoints, model_config=training.model_config)
         best_step = max((point["global_step"] for point in training.history if point["is_best"]), default=None)
         draw_loss_chart(training.history, best_step, training.run_dir / CHART_FILE)
         saved_name = saved.name
     progress.checkpoint_written(step, train_loss, val_loss, is_best, saved_name)
-
-
-# --- the command ---
-
-@click.command()
-@click.argument("run")
-@click.argument("datasets_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("checkpoint", required=False)
-@click.option("--device", "device_name", type=click.Choice(["cuda", "mps", "cpu"]), default=None,
-              help="Where to train (default: cuda if available, else mps, else cpu).")
-def main(run, datasets_dir, checkpoint, device_name):
-    """Train the model of runs/RUN on the dataset in its train.json (see the README)."""
-    ranks = read_ranks()
-    die_with_launcher(ranks, LAUNCHER_PID)
-    try:
-        train(run, datasets_dir, checkpoint, device_name, ranks)
-    except click.ClickException as error:
-        # Every rank hits the same user mistake; one line per node is enough.
-        if ranks.local_rank != 0:
-            raise SystemExit(error.exit_code) from None
-        raise
-    except KeyboardInterrupt:
-        if ranks.local_rank == 0:
-            print("\ninterrupted: resume from the newest checkpoint with "
-                  f"`ddp_train.py {run} {datasets_dir} latest`", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

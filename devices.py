@@ -124,30 +124,43 @@ def measure_matmul_flops(device: torch.device, dtype_name: str, max_size: int = 
                          seconds: float = 1.0) -> float:
     """Achieved FLOP/s of a large square matmul: the practical peak of a CPU, or the
     fallback for a GPU missing from the table. The size grows from 256 while one
-    product takes under 50 ms, so a dtype a CPU only emulates can't stall start-up."""
+    product takes under 50 ms, so a dtype a CPU only emulates can't stall start-up.
+    Each product is timed alone and the median kept, at that size and at half of it,
+    and the faster of the two returned: a busy moment on a shared machine moves it
+    little (one long average swung from 0.03 to 0.37 TFLOP/s between runs)."""
+    import statistics
     import time
 
     dtype = TORCH_DTYPES[dtype_name]
     # A private generator: measuring must not move the global one (dropout, resume).
     generator = torch.Generator(device).manual_seed(0)
-    size = 256
-    while True:
-        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
-        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
-        a @ b  # warm-up: kernel selection, page faults
+
+    def square(size):
+        return torch.randn(size, size, device=device, generator=generator).to(dtype)
+
+    def seconds_per_product(a, b):
         synchronize(device)
         start = time.perf_counter()
         a @ b
         synchronize(device)
-        if size >= max_size or time.perf_counter() - start > 0.05:
+        return time.perf_counter() - start
+
+    size = 256
+    while True:
+        a, b = square(size), square(size)
+        a @ b  # warm-up: kernel selection, page faults
+        if size >= max_size or seconds_per_product(a, b) > 0.05:
             break
         size *= 2
-    runs, start = 0, time.perf_counter()
-    while runs < 3 or time.perf_counter() - start < seconds:
+    best = 0.0
+    for n in sorted({max(256, size // 2), size}):
+        a, b = square(n), square(n)
         a @ b
-        runs += 1
-        synchronize(device)
-    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+        times, start = [], time.perf_counter()
+        while len(times) < 5 or time.perf_counter() - start < seconds / 2:
+            times.append(seconds_per_product(a, b))
+        best = max(best, 2 * n ** 3 / statistics.median(times))
+    return best
 
 
 def synchronize(device: torch.device) -> None:

@@ -44,7 +44,7 @@ answer_usage_first(main)
 from safetensors.torch import save_file  # noqa: E402
 
 import hf_gpt2  # noqa: E402
-from checkpointing import read_weights  # noqa: E402
+from checkpointing import check_weights_config, read_weights  # noqa: E402
 
 
 def load_gpt2_expressible_config(path):
@@ -59,7 +59,9 @@ def load_gpt2_expressible_config(path):
     return cfg
 
 
-def load_checked_weights(path, cfg):
+def load_checked_weights(path, cfg, model_config_path=None):
+    # Weights that record their model config are refused by another model.json.
+    check_weights_config(path, cfg, model_config_path)
     weights = read_weights(path)
     hf_gpt2.check_our_tensors(weights, cfg, path)
     return weights
@@ -205,7 +207,7 @@ def export(model_config_path, model_safetensors_path, output_dir, repo_id, priva
     output_dir = Path(output_dir)
     safe_files.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
     cfg = load_gpt2_expressible_config(model_config_path)
-    weights = load_checked_weights(model_safetensors_path, cfg)
+    weights = load_checked_weights(model_safetensors_path, cfg, model_config_path)
 
     tensors, tied = hf_gpt2.to_transformers(weights, cfg)
     dtype = weights["tok_emb.weight"].dtype

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import functools
 import inspect
+import json
 import os
 import signal
 import threading
@@ -96,6 +97,29 @@ def _watch_parent(launcher_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def report_to_launcher(message: str) -> None:
+    """Hand torchrun this rank's one-line error for its failure summary (the file it
+    names in TORCHELASTIC_ERROR_FILE), where it would otherwise print only an exit code."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}},
+                      file)
+    except OSError:
+        pass  # the summary then says less; the line itself is on stderr already
+
+
+# What a rank sees when another rank dies in the middle of a collective.
+PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "connection refused",
+             "communicator was aborted", "remote process exited")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    return any(words in str(error).lower() for words in PEER_LOST)
+
+
 def start_process_group(ranks: Ranks, device: torch.device) -> None:
     if not ranks.distributed:
         return
@@ -147,6 +171,25 @@ def first_on_each_node(work, ranks: Ranks, error_type):
             raise error_type(failure)
     return next(result for node, local_rank, result, _ in everyone
                 if node == ranks.node and local_rank == 0)
+
+
+def main_rank_first(work, ranks: Ranks, error_type):
+    """Run work() on global rank 0 alone (others wait) and return its result there (None
+    elsewhere). An error_type it raises is raised on every rank, so they all stop with
+    the same line instead of waiting for rank 0 until a collective times out."""
+    result = failure = None
+    if ranks.is_main:
+        try:
+            result = work()
+        except error_type as error:
+            failure = error.message
+    if ranks.distributed:
+        shared = [failure]
+        dist.broadcast_object_list(shared, src=0, group=ranks.setup_group)
+        failure = shared[0]
+    if failure is not None:
+        raise error_type(failure)
+    return result
 
 
 # --- wrapping the model for training ---

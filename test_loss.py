@@ -94,13 +94,8 @@ def report_loss(datasets_dir, model_config_path, model_safetensors_path, dataset
     )
     # A dataset tokenised for another vocabulary would index past the embedding table
     # (a device-side assert on CUDA). One pass over the memory-mapped slice is cheap.
-    largest_id = int(data.tokens.max())
-    if largest_id >= model.tok_emb.num_embeddings:
-        raise token_data.DatasetError(
-            f"{token_data.split_path(directory, split)}: token id {largest_id} in the slice is "
-            f"outside the model's vocabulary of {model.tok_emb.num_embeddings}: was the dataset "
-            f"tokenised for another model?"
-        )
+    token_data.check_token_ids(data.tokens, model.tok_emb.num_embeddings,
+                               str(token_data.split_path(directory, split)))
     loss = mean_loss(model, data, device, dtype_name)
     tokens = len(data) * batch_size * seq_length
     print(f"Loss against our test dataset: {loss:.3f}")

@@ -92,8 +92,9 @@ class TokenBatches:
     read lazily: only the batch asked for is read from the file.
     """
 
-    def __init__(self, tokens, path, file_offset, num_batches, batch_size, seq_length):
+    def __init__(self, tokens, path, file_offset, num_batches, batch_size, seq_length, vocab_size=None):
         self.tokens = tokens            # num_batches * batch_size * seq_length + 1 tokens, memory-mapped
+        self.vocab_size = vocab_size    # when given, every batch's ids are checked against it
         self.path = path
         self.file_offset = file_offset  # where tokens[0] is in the file, in bytes
         self.num_batches = num_batches
@@ -116,14 +117,30 @@ class TokenBatches:
         if len(raw) != (batch_tokens + 1) * item_size:
             raise DatasetError(f"{self.path}: batch {index} is past the end of the file: "
                                f"it was truncated after it was opened")
-        chunk = torch.from_numpy(np.frombuffer(raw, dtype=self.tokens.dtype).astype(np.int64))
+        ids = np.frombuffer(raw, dtype=self.tokens.dtype)
+        if self.vocab_size is not None:
+            check_token_ids(ids, self.vocab_size, f"{self.path}: batch {index:,}")
+        chunk = torch.from_numpy(ids.astype(np.int64))
         x = chunk[:-1].view(self.batch_size, self.seq_length)
         y = chunk[1:].view(self.batch_size, self.seq_length)
         return x, y
 
 
+def check_token_ids(ids, vocab_size: int, where: str) -> None:
+    """Refuse token ids the model can't embed (a dataset tokenised for another
+    vocabulary, a uint16 file holding 65535, negative int32 ids): past the embedding
+    table they would crash training, on CUDA with a device-side assert that kills the
+    process, maybe hours in. A min and a max over the host-side ids, no device sync."""
+    if len(ids) == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab_size):
+        return
+    position = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+    raise DatasetError(f"{where}: token id {int(ids[position])} at position {position:,} is outside "
+                       f"the model's vocabulary of {vocab_size} (vocab_size): was the dataset "
+                       f"tokenised for another model?")
+
+
 def load_dataset(dataset_dir, split, min_tokens, start_token, micro_batches_per_step, minibatch_size,
-                 seq_length) -> TokenBatches:
+                 seq_length, vocab_size=None) -> TokenBatches:
     """The seed's token arithmetic over a memory-mapped split.
 
     A global batch is micro_batches_per_step * minibatch_size * seq_length tokens (in
@@ -159,7 +176,8 @@ def load_dataset(dataset_dir, split, min_tokens, start_token, micro_batches_per_
         )
     return TokenBatches(tokens[start_token:start_token + wanted], path,
                         tokens.offset + start_token * tokens.dtype.itemsize,
-                        num_global_batches * micro_batches_per_step, minibatch_size, seq_length)
+                        num_global_batches * micro_batches_per_step, minibatch_size, seq_length,
+                        vocab_size)
 
 
 def _looks_like_repo_id(name: str) -> bool:

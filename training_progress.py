@@ -10,6 +10,7 @@ datasheet peak, else a large matmul measured at start-up (a CPU's practical peak
 """
 
 import datetime
+import sys
 import time
 
 import torch
@@ -19,6 +20,7 @@ import devices
 from parallel import Ranks, all_reduce_sum
 
 REFRESH_SECONDS = 1.0   # how often rank 0 reads the loss off the device for the bar
+LOG_LINE_SECONDS = 30.0  # how often a plain line replaces the bar when stderr is no terminal
 
 
 class TrainingProgress:
@@ -29,16 +31,24 @@ class TrainingProgress:
         self.flops_per_token = devices.training_flops_per_token(model_config)
         self.peak_flops = None
         if ranks.is_main:
-            self.peak_flops = (devices.datasheet_peak_flops(device, dtype_name)
-                               or devices.measure_matmul_flops(device, dtype_name))
+            self.peak_flops = devices.datasheet_peak_flops(device, dtype_name)
+            source = f"the datasheet's {dtype_name} peak"
+            if self.peak_flops is None:
+                self.peak_flops = devices.measure_matmul_flops(device, dtype_name)
+                source = f"a {dtype_name} matmul measured now"
+            print(f"MFU is against {self.peak_flops / 1e12:,.3f} TFLOP/s ({source} on {device.type})")
         # Training loss since the last checkpoint, summed on the device.
         self.loss_sum = torch.zeros((), device=device)
         self.micro_steps = 0
         # The bar's last refresh: when, at which step, and the loss sum then.
         self.shown = {"time": time.monotonic(), "step": start_step, "loss_sum": 0.0, "micro_steps": 0}
         self.last_losses = None   # (train, validation) at the newest checkpoint
+        # Redirected to a file, a bar would write a carriage-return update every second:
+        # plain lines every LOG_LINE_SECONDS instead.
+        self.plain_lines = not sys.stderr.isatty()
+        self.last_line_time = -LOG_LINE_SECONDS
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not ranks.is_main)
+                        disable=not ranks.is_main or self.plain_lines)
         self.started = time.monotonic()
 
     def add_loss(self, loss: torch.Tensor) -> None:
@@ -64,6 +74,11 @@ class TrainingProgress:
         if grad_norm is not None:
             fields["grad norm"] = f"{grad_norm.item():.3f}"
         self.bar.set_postfix(fields, refresh=False)
+        if self.plain_lines and now - self.last_line_time >= LOG_LINE_SECONDS:
+            self.last_line_time = now
+            done = (step + 1) / self.total_steps
+            print(f"step {step + 1:,}/{self.total_steps:,} ({done:.1%}): "
+                  + ", ".join(f"{name} {value}" for name, value in fields.items()), file=sys.stderr, flush=True)
         self.shown.update(time=now, step=step + 1, loss_sum=loss_sum, micro_steps=self.micro_steps)
 
     def take_train_loss(self) -> float:
@@ -82,6 +97,11 @@ class TrainingProgress:
         if self.ranks.is_main:
             self.bar.write(f"step {step:,}: train loss {train_loss:.4f}, validation loss "
                            f"{val_loss:.4f}{' (best)' if is_best else ''} -> {name}")
+
+    def write(self, line: str) -> None:
+        """A line above the bar (rank 0 only)."""
+        if self.ranks.is_main:
+            self.bar.write(line)
 
     def finish(self, best_loss: float) -> None:
         """Close the bar; rank 0 prints the summary lines."""

@@ -19,9 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HEAVY_MODULES = ("torch", "numpy", "pyarrow", "pandas", "datasets", "matplotlib", "openai",
                  "transformers")
 
-DDP_TRAIN = pytest.param(
-    "ddp_train.py", marks=pytest.mark.xfail(
-        strict=True, reason="ddp_train imports torch at start-up until issue 15's ddp_train part lands"))
+DDP_TRAIN = "ddp_train.py"
 SCRIPTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "test_ift.py", "export_hf.py", "import_hf.py",
            "prepare_datasets.py", "download-fineweb-10b.py", "make_sample_corpus.py", "chart.py",
            "judge.py"]
