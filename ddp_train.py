@@ -82,7 +82,6 @@ def main(run, datasets_dir, checkpoint, device_name):
 answer_usage_first(main)
 
 import torch  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
 
 import checkpointing  # noqa: E402
 import devices  # noqa: E402
@@ -215,7 +214,6 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     dtype_name = choose_dtype(run_dir / "train.json", config, device)
 
     start_process_group(ranks, device)
-    run_lock = main_rank_first(lambda: checkpointing.lock_run(run_dir), ranks, checkpointing.CheckpointError)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir = Path(first_on_each_node(
         lambda: str(resolve_dataset_dir(config.dataset, datasets_dir)), ranks, DatasetError))
@@ -233,6 +231,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     # ...and the first ones now, so that data for another vocabulary stops the run here.
     checked_batches = min(len(train_batches), STARTUP_CHECKED_BATCHES)
     main_rank_first(lambda: read_first_batches(train_batches, val_batches, checked_batches), ranks, DatasetError)
+    # The run directory's first write, once every input has been checked: its lock.
+    run_lock = main_rank_first(lambda: checkpointing.lock_run(run_dir), ranks, checkpointing.CheckpointError)
 
     # Same initial weights on every rank (DDP broadcasts rank 0's anyway), then each
     # rank its own stream for dropout.
@@ -367,7 +367,7 @@ def clip_gradients(model: WrappedModel, optimizer, scaler, max_norm: float) -> t
     before clipping, as a device tensor."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_norm)
-    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+    if model.sharded:  # FSDP: a DTensor, the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
     return grad_norm
 

@@ -10,12 +10,10 @@ import math
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
 from checkpointing import CheckpointError
 from config import TrainConfig
-from parallel import FULL_ON_CPU
+from parallel import full_on_cpu
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device):
@@ -66,7 +64,8 @@ def full_optimizer_state(model, optimizer, sharded: bool) -> dict:
     if not sharded:
         state = optimizer.state_dict()
     else:
-        by_name = get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        by_name = get_optimizer_state_dict(model, optimizer, options=full_on_cpu())
         if not by_name.get("state") and not by_name.get("param_groups"):
             return {}
         index_of = {name: index for index, name in enumerate(names)}
@@ -93,6 +92,7 @@ def load_optimizer_state(model, optimizer, saved: dict, path: Path, sharded: boo
                 "param_groups": [{**settings, "params": theirs["params"]}
                                  for settings, theirs in zip(ours, groups)]})
             return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         names = parameter_names_in_optimizer_order(model, optimizer)
         by_name = {
             "state": {names[index]: value for index, value in saved["state"].items()},

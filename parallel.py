@@ -27,8 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -39,8 +37,13 @@ import devices
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                   else {"broadcast_buffers": False})
-# Full (unsharded) state dicts, gathered onto rank 0's CPU.
-FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_on_cpu():
+    """State-dict options for full (unsharded) state dicts gathered onto rank 0's CPU.
+    FSDP's modules are imported only when sharding: they cost every process a second."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # --- who we are: torchrun's environment ---
@@ -256,6 +259,8 @@ def shard_model(model, device: torch.device, dtype_name: str, world_size: int) -
     """FSDP2: each block is one unit of sharding (gathered just before it runs, freed
     after), then the root takes the embeddings, final norm and output head. With bf16
     the gathered weights are bf16 for compute and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if dtype_name == "bf16" else MixedPrecisionPolicy())
@@ -270,7 +275,8 @@ def full_model_state(wrapped: WrappedModel, ranks: Ranks) -> dict | None:
     """The bare model's state dict on global rank 0, None elsewhere. Under FSDP it is
     gathered from every rank's shards (a collective: every rank must call this)."""
     if wrapped.sharded:
-        state = get_model_state_dict(wrapped.model, options=FULL_ON_CPU)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        state = get_model_state_dict(wrapped.model, options=full_on_cpu())
         return state if ranks.is_main else None
     return wrapped.model.state_dict() if ranks.is_main else None
 
