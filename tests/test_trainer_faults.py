@@ -36,18 +36,27 @@ def snapshot(directory):
                   for path in directory.rglob("*") if not path.is_symlink())
 
 
-def test_a_second_trainer_in_the_same_run_stops_before_writing(tmp_path):
+def started_long_run(tmp_path, **pipes):
+    """A plain one-process run of 150 global steps (checkpoints at 0 and 100, then the
+    last), returned once its first checkpoint is written: (process, run_dir, datasets)."""
     datasets = long_dataset(tmp_path / "datasets")
     run_dir = make_run(tmp_path / "run", train={**TRAIN, "dataset": "long", "min_train_tokens": 150 * 32,
                                                 "validation_interval": 100, "validation_batches": 1})
-    first = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), str(datasets), "--device", "cpu"],
-                             cwd=PROJECT_ROOT, env=environment(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), str(datasets), "--device", "cpu"],
+                               cwd=PROJECT_ROOT, env=environment(), text=True,
+                               **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **pipes})
+    deadline = time.monotonic() + 120
+    while latest(run_dir) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("no first checkpoint")
+        time.sleep(0.05)
+    return process, run_dir, datasets
+
+
+def test_a_second_trainer_in_the_same_run_stops_before_writing(tmp_path):
+    first, run_dir, datasets = started_long_run(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while latest(run_dir) is None:
-            assert first.poll() is None and time.monotonic() < deadline, "no first checkpoint"
-            time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)  # hold it still while the second one tries
         before = snapshot(run_dir / "checkpoints")
         second = run_training(run_dir, datasets, "latest", nproc=None)
@@ -98,16 +107,7 @@ def test_each_batch_is_checked_as_it_is_read(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume_with_the_command_that_was_run(tmp_path):
-    datasets = long_dataset(tmp_path / "datasets")
-    run_dir = make_run(tmp_path / "run", train={**TRAIN, "dataset": "long", "min_train_tokens": 150 * 32,
-                                                "validation_interval": 100, "validation_batches": 1})
-    process = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), str(datasets), "--device", "cpu"],
-                               cwd=PROJECT_ROOT, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while latest(run_dir) is None:
-        assert process.poll() is None and time.monotonic() < deadline, "no first checkpoint"
-        time.sleep(0.05)
+    process, run_dir, datasets = started_long_run(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
