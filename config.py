@@ -144,6 +144,9 @@ class TrainConfig:
     parallelism: str = "ddp"               # "ddp" (the seed) | "fsdp" (FSDP2: sharded weights, grads, AdamW)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     init_from: str | None = None           # model.safetensors to start a fresh run from
+    log_interval: int = 1                  # global steps per training row of metrics.jsonl
+    tensorboard: bool = False              # also write metrics as TensorBoard events
+    wandb_project: str | None = None       # also log metrics to this Weights & Biases project
 
 
 TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val_token",
@@ -181,6 +184,9 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
         "parallelism": lambda v: _choice(path, "parallelism", v, ("ddp", "fsdp")),
         "activation_checkpointing": lambda v: _bool(path, "activation_checkpointing", v),
         "init_from": lambda v: _text(path, "init_from", v),
+        "log_interval": lambda v: _int(path, "log_interval", v, minimum=1),
+        "tensorboard": lambda v: _bool(path, "tensorboard", v),
+        "wandb_project": lambda v: _text(path, "wandb_project", v),
     }
     for key, check in checks.items():
         if data.get(key) is not None:

@@ -311,8 +311,7 @@ def resume(training: Training, checkpoint: checkpointing.Checkpoint) -> None:
 
 def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
     training = set_up(run, datasets_dir, checkpoint_name, device_name, ranks)
-    model, optimizer, scaler, config = training.model, training.optimizer, training.scaler, training.config
-    accumulation, world_size = config.gradient_accumulation_steps, ranks.world_size
+    config = training.config
     if training.start_step >= training.total_steps:
         if ranks.is_main:
             print(f"nothing to train: {training.resumed_from.name} is at the last of the dataset's "
@@ -324,32 +323,43 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
 
     progress = TrainingProgress(ranks=ranks, device=training.device, dtype_name=training.dtype_name,
                                 model_config=training.model_config, start_step=training.start_step,
-                                total_steps=training.total_steps, tokens_per_step=training.tokens_per_step)
-    grad_norm = None
+                                total_steps=training.total_steps, tokens_per_step=training.tokens_per_step,
+                                micro_steps_per_step=config.gradient_accumulation_steps)
     for step in range(training.start_step, training.total_steps):
-        learning_rate = learning_rate_at(step, training.total_steps, config)
-        set_learning_rate(optimizer, learning_rate)
-        for micro_step in range(accumulation):
-            batch_index = (step * accumulation + micro_step) * world_size + ranks.rank
-            inputs, targets = to_device(training.train_batches[batch_index], training.device)
-            with model.gradient_sync(final_micro_step=micro_step == accumulation - 1):
-                with model.autocast:
-                    # Mean cross-entropy over every position, as the original; the model
-                    # computes it chunk by chunk without materialising the logits.
-                    loss = model.training(inputs, targets=targets)
-                scaler.scale(loss / accumulation).backward()
-            progress.add_loss(loss)
-        if config.grad_clip is not None:
-            grad_norm = clip_gradients(model, optimizer, scaler, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-        progress.step_done(step, learning_rate, grad_norm)
+        step_loss, learning_rate, grad_norm = train_step(training, step)
+        progress.step_done(step, step_loss, learning_rate, grad_norm)
         if step % config.validation_interval == 0 or step == training.total_steps - 1:
             validate_and_checkpoint(training, progress, step, learning_rate, grad_norm)
     progress.finish(training.best_loss)
     finish_process_group(ranks)
+
+
+def train_step(training: Training, step: int):
+    """One global step: every micro-step's forward and backward, clipping, AdamW.
+    Returns this rank's loss summed over the micro-steps and the gradient norm before
+    clipping (device tensors: nothing here waits for the device), and the learning rate."""
+    model, optimizer, scaler, config = training.model, training.optimizer, training.scaler, training.config
+    accumulation, world_size = config.gradient_accumulation_steps, training.ranks.world_size
+    learning_rate = learning_rate_at(step, training.total_steps, config)
+    set_learning_rate(optimizer, learning_rate)
+    step_loss = torch.zeros((), device=training.device)
+    for micro_step in range(accumulation):
+        batch_index = (step * accumulation + micro_step) * world_size + training.ranks.rank
+        inputs, targets = to_device(training.train_batches[batch_index], training.device)
+        with model.gradient_sync(final_micro_step=micro_step == accumulation - 1):
+            with model.autocast:
+                # Mean cross-entropy over every position, as the original; the model
+                # computes it chunk by chunk without materialising the logits.
+                loss = model.training(inputs, targets=targets)
+            scaler.scale(loss / accumulation).backward()
+        step_loss += loss.detach()
+    grad_norm = None
+    if config.grad_clip is not None:
+        grad_norm = clip_gradients(model, optimizer, scaler, config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, learning_rate, grad_norm
 
 
 def to_device(batch, device: torch.device):

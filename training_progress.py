@@ -25,7 +25,8 @@ LOG_LINE_SECONDS = 30.0  # how often a plain line replaces the bar when stderr i
 
 class TrainingProgress:
     def __init__(self, *, ranks: Ranks, device: torch.device, dtype_name: str, model_config: dict,
-                 start_step: int, total_steps: int, tokens_per_step: int):
+                 start_step: int, total_steps: int, tokens_per_step: int, micro_steps_per_step: int):
+        self.micro_steps_per_step = micro_steps_per_step
         self.ranks, self.start_step, self.total_steps = ranks, start_step, total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = devices.training_flops_per_token(model_config)
@@ -51,17 +52,15 @@ class TrainingProgress:
                         disable=not ranks.is_main or self.plain_lines)
         self.started = time.monotonic()
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        """One micro-step's loss (a device tensor; no host sync)."""
-        self.loss_sum += loss.detach()
-        self.micro_steps += 1
-
     def mfu(self, tokens_per_second: float) -> float:
         return tokens_per_second / self.ranks.world_size * self.flops_per_token / self.peak_flops
 
-    def step_done(self, step: int, learning_rate: float, grad_norm) -> None:
-        """Advance the bar; about once a second (rank 0 only) read the loss and show it
-        with the learning rate, tokens/s, MFU and the gradient norm."""
+    def step_done(self, step: int, step_loss: torch.Tensor, learning_rate: float, grad_norm) -> None:
+        """Count a step's loss (this rank's sum over its micro-steps, a device tensor: no
+        host sync) and advance the bar; about once a second (rank 0 only) read the loss
+        and show it with the learning rate, tokens/s, MFU and the gradient norm."""
+        self.loss_sum += step_loss
+        self.micro_steps += self.micro_steps_per_step
         self.bar.update(1)
         now = time.monotonic()
         if not self.ranks.is_main or now - self.shown["time"] < REFRESH_SECONDS:
