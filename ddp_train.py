@@ -88,6 +88,7 @@ import devices  # noqa: E402
 from chart import CHART_FILE, draw_loss_chart  # noqa: E402
 from config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
 from gpt import GPTModel  # noqa: E402
+from metrics_log import MetricsError, MetricsLog, check_loggers_installed  # noqa: E402
 from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at,  # noqa: E402
                        load_optimizer_state, set_learning_rate)
 from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
@@ -189,6 +190,7 @@ class Training:
     best_loss: float = math.inf
     history: list = field(default_factory=list)   # a {global_step, train_loss, val_loss, is_best} per checkpoint
     run_lock: object = None       # global rank 0's hold on the run directory (checkpointing.lock_run)
+    metrics: MetricsLog | None = None
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -200,6 +202,7 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     run_dir = find_run_dir(run)
     model_config = load_model_config(run_dir / "model.json")
     config = load_train_config(run_dir / "train.json")
+    check_loggers_installed(config, run_dir / "train.json")
     resume_from = find_checkpoint_to_resume(run_dir / "checkpoints", checkpoint_name)
     if resume_from is not None:
         checkpointing.check_resumable(resume_from, world_size=ranks.world_size,
@@ -256,6 +259,7 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
         scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"), run_lock=run_lock)
     if resume_from is not None:
         resume(training, resume_from)
+    training.metrics = start_metrics_log(training)
 
     if ranks.is_main:
         checkpointing.remove_leftovers(training.checkpoints_dir)
@@ -271,6 +275,30 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
               + (f"; resuming from {resume_from.name} at step {training.start_step:,}" if resume_from
                  else "; auto: no checkpoint yet, starting fresh" if checkpoint_name == "auto" else ""))
     return training
+
+
+def start_metrics_log(training: Training) -> MetricsLog:
+    """metrics.jsonl (and TensorBoard, W&B), made ready by global rank 0: a resume first
+    drops the rows a crashed session wrote past its checkpoint."""
+    config, total_steps = training.config, training.total_steps
+
+    def row_ends_at(step: int) -> bool:
+        # Rows also end at every checkpoint, so that a resumed run logs the same rows
+        # as an uninterrupted one.
+        return (step % config.log_interval == 0 or step % config.validation_interval == 0
+                or step == total_steps - 1)
+
+    metrics = MetricsLog(run_dir=training.run_dir, ranks=training.ranks, device=training.device, config=config,
+                         model_config=training.model_config, tokens_per_step=training.tokens_per_step,
+                         micro_batches_per_step=training.ranks.world_size * config.gradient_accumulation_steps,
+                         row_ends_at=row_ends_at)
+    checkpoint_names = {checkpoint.global_step: checkpoint.name
+                        for checkpoint in checkpointing.list_checkpoints(training.checkpoints_dir)}
+    notes = main_rank_first(lambda: metrics.open(training.resumed_from, training.history, checkpoint_names),
+                            training.ranks, MetricsError)
+    for note in notes or []:
+        print(note)
+    return metrics
 
 
 def read_first_batches(train_batches: TokenBatches, val_batches: TokenBatches, count: int) -> None:
@@ -318,13 +346,15 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
                   f"{training.total_steps:,} global steps; to train longer, raise min_train_tokens in "
                   f"{training.run_dir / 'train.json'} (-1: the whole split) and resume again (with the "
                   f"cosine schedule, the learning rate then follows the longer run's curve)")
+        training.metrics.close()
         finish_process_group(ranks)
         return
 
     progress = TrainingProgress(ranks=ranks, device=training.device, dtype_name=training.dtype_name,
                                 model_config=training.model_config, start_step=training.start_step,
                                 total_steps=training.total_steps, tokens_per_step=training.tokens_per_step,
-                                micro_steps_per_step=config.gradient_accumulation_steps)
+                                micro_steps_per_step=config.gradient_accumulation_steps,
+                                metrics=training.metrics)
     for step in range(training.start_step, training.total_steps):
         step_loss, learning_rate, grad_norm = train_step(training, step)
         progress.step_done(step, step_loss, learning_rate, grad_norm)
@@ -410,6 +440,7 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
     """Every rank: the validation loss and the mean training loss since the last
     checkpoint; global rank 0 then writes a checkpoint and redraws the loss chart."""
     ranks, config, model = training.ranks, training.config, training.model
+    progress.write_metrics()   # before validating, so that their tokens/s is training's alone
     val_loss = validation_loss(training)
     train_loss = progress.take_train_loss()
     is_best = val_loss < training.best_loss

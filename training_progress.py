@@ -25,8 +25,10 @@ LOG_LINE_SECONDS = 30.0  # how often a plain line replaces the bar when stderr i
 
 class TrainingProgress:
     def __init__(self, *, ranks: Ranks, device: torch.device, dtype_name: str, model_config: dict,
-                 start_step: int, total_steps: int, tokens_per_step: int, micro_steps_per_step: int):
+                 start_step: int, total_steps: int, tokens_per_step: int, micro_steps_per_step: int,
+                 metrics=None):
         self.micro_steps_per_step = micro_steps_per_step
+        self.metrics = metrics   # metrics_log.MetricsLog, written whenever the bar reads the device
         self.ranks, self.start_step, self.total_steps = ranks, start_step, total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = devices.training_flops_per_token(model_config)
@@ -61,6 +63,8 @@ class TrainingProgress:
         and show it with the learning rate, tokens/s, MFU and the gradient norm."""
         self.loss_sum += step_loss
         self.micro_steps += self.micro_steps_per_step
+        if self.metrics is not None:
+            self.metrics.step_done(step, step_loss, learning_rate, grad_norm)
         self.bar.update(1)
         now = time.monotonic()
         if not self.ranks.is_main or now - self.shown["time"] < REFRESH_SECONDS:
@@ -79,6 +83,11 @@ class TrainingProgress:
             print(f"step {step + 1:,}/{self.total_steps:,} ({done:.1%}): "
                   + ", ".join(f"{name} {value}" for name, value in fields.items()), file=sys.stderr, flush=True)
         self.shown.update(time=now, step=step + 1, loss_sum=loss_sum, micro_steps=self.micro_steps)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.write_rows(self.peak_flops, self.flops_per_token)
 
     def take_train_loss(self) -> float:
         """The mean training loss over every rank's micro-steps since the last call (a
@@ -93,6 +102,8 @@ class TrainingProgress:
     def checkpoint_written(self, step: int, train_loss: float, val_loss: float, is_best: bool,
                            name: str) -> None:
         self.last_losses = (train_loss, val_loss)
+        if self.metrics is not None:
+            self.metrics.checkpoint_written(step, train_loss, val_loss, is_best, name)
         if self.ranks.is_main:
             self.bar.write(f"step {step:,}: train loss {train_loss:.4f}, validation loss "
                            f"{val_loss:.4f}{' (best)' if is_best else ''} -> {name}")
@@ -105,6 +116,9 @@ class TrainingProgress:
     def finish(self, best_loss: float) -> None:
         """Close the bar; rank 0 prints the summary lines."""
         self.bar.close()
+        if self.metrics is not None:
+            self.write_metrics()
+            self.metrics.close()
         elapsed = time.monotonic() - self.started
         if not self.ranks.is_main:
             return

@@ -140,3 +140,22 @@ def copy_run_up_to(source_run, destination, step, train=None):
     checkpointing.point_link(checkpoints_dir, "latest", kept[-1].name)
     checkpointing.point_link(checkpoints_dir, "best", min(kept, key=lambda c: c.meta["val_loss"]).name)
     return destination
+
+
+# What two runs of the same config log alike: everything but the clock, the memory and
+# the checkpoints' time-stamped names.
+RUN_DEPENDENT_KEYS = ("tokens_per_second", "mfu", "elapsed_seconds", "cpu_rss_bytes",
+                      "cuda_max_allocated_bytes", "checkpoint")
+
+
+def metrics_rows(run_dir, comparable=False):
+    """metrics.jsonl's rows, every line a valid row; with comparable=True, without the
+    keys that differ between two runs of one config."""
+    from metrics_log import METRICS_FILE, read_metrics
+
+    rows, bad_lines = read_metrics(Path(run_dir) / METRICS_FILE)
+    assert not bad_lines
+    if comparable:
+        rows = [{key: value for key, value in row.items() if key not in RUN_DEPENDENT_KEYS} for row in rows]
+    return rows
+

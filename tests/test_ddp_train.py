@@ -140,6 +140,31 @@ def test_ddp_equals_one_process_with_averaged_gradients(full_run, datasets_dir):
     assert history[6]["train_loss"] == pytest.approx(sum(losses[4] + losses[5] + losses[6]) / 6, abs=1e-6)
     assert history[7]["train_loss"] == pytest.approx(sum(losses[7]) / 2, abs=1e-6)
 
+    # metrics.jsonl: a training row per step (log_interval's default, 1) with the mean
+    # loss over both ranks, and a validation row after each checkpoint's step.
+    rows = helpers.metrics_rows(run_dir)
+    assert [(row["kind"], row["step"]) for row in rows] == [
+        ("train", 0), ("validation", 0), ("train", 1), ("train", 2), ("train", 3), ("validation", 3),
+        ("train", 4), ("train", 5), ("train", 6), ("validation", 6), ("train", 7), ("validation", 7)]
+    config = validate_train_config(TRAIN)
+    names = {checkpoint.global_step: checkpoint.name
+             for checkpoint in checkpointing.list_checkpoints(run_dir / "checkpoints")}
+    for row in rows:
+        step = row["step"]
+        if row["kind"] == "validation":
+            point = history[step]
+            assert (row["train_loss"], row["val_loss"], row["is_best"]) == (
+                point["train_loss"], point["val_loss"], point["is_best"])
+            assert row["checkpoint"] == names.get(step, row["checkpoint"])  # older ones were pruned
+            continue
+        assert row["loss"] == pytest.approx(sum(losses[step]) / 2, abs=1e-6)
+        assert row["learning_rate"] == learning_rate_at(step, STEPS, config)
+        assert row["tokens_seen"] == (step + 1) * 64
+        assert 0 < row["grad_norm"] and row["clipped_fraction"] == float(row["grad_norm"] > TRAIN["grad_clip"])
+        assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1 and row["cpu_rss_bytes"] > 10_000_000
+    elapsed = [row["elapsed_seconds"] for row in rows if row["kind"] == "train"]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+
 
 def test_sigkilled_twice_then_resumed_is_bitwise_identical(full_run, tmp_path, datasets_dir):
     full_dir, _ = full_run
@@ -177,6 +202,9 @@ def test_sigkilled_twice_then_resumed_is_bitwise_identical(full_run, tmp_path, d
     assert chart.chart_points(checkpoints_dir) == chart.chart_points(full_dir / "checkpoints")
     for key, tensor in weights(reference.path).items():
         assert torch.equal(weights(ours.path)[key], tensor), key
+    # metrics.jsonl: the rows the crashed sessions wrote past their checkpoints are gone;
+    # what is left is what the uninterrupted run logged.
+    assert helpers.metrics_rows(run_dir, comparable=True) == helpers.metrics_rows(full_dir, comparable=True)
     ours_optimizer = torch.load(ours.path / "optimizer.pt", weights_only=True)
     reference_optimizer = torch.load(reference.path / "optimizer.pt", weights_only=True)
     for index, state in reference_optimizer["state"].items():

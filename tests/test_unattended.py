@@ -22,7 +22,7 @@ import devices
 from config import DEFAULT_SEED
 from gpt import GPTModel
 from helpers import (MODEL, PROJECT_ROOT, TRAIN, copy_run_up_to, environment, final_weights, latest,
-                     make_run, pattern_tokens, run_training, torchrun_command, trained)
+                     make_run, metrics_rows, pattern_tokens, run_training, torchrun_command, trained)
 
 DROPOUT_MODEL = {**MODEL, "drop_rate": 0.1}
 DEFAULTS = {key: value for key, value in TRAIN.items() if key not in ("seed", "dtype")}
@@ -80,6 +80,7 @@ def test_auto_with_max_restarts_survives_a_killed_rank(dtype, default_run, tmp_p
     assert "-iteration-0 at step 1" in result.stdout, result.stdout
     assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
     assert [point["global_step"] for point in latest(run_dir).meta["history"]] == [0, 2, 3]
+    assert metrics_rows(run_dir, comparable=True) == metrics_rows(uninterrupted, comparable=True)
 
 
 def process_state(pid) -> str | None:
