@@ -18,6 +18,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import secrets
+import string
 import time
 from pathlib import Path
 
@@ -63,9 +65,17 @@ def check_loggers_installed(config, train_json) -> None:
     wanted = [("tensorboard", config.tensorboard, "tensorboard", "uv sync"),
               ("wandb_project", config.wandb_project is not None, "wandb", "uv sync --extra wandb")]
     for key, enabled, package, install in wanted:
-        if enabled and importlib.util.find_spec(package) is None:
+        if enabled and not importable(package):
             raise MetricsError(f"{train_json}: key '{key}' is set, but the {package} package is not "
                                f"installed (install it with `{install}`, or unset the key)")
+
+
+def importable(package: str) -> bool:
+    """Whether `import package` would find it (without importing it: wandb takes seconds)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def memory_in_use(device: torch.device) -> dict:
@@ -258,10 +268,15 @@ def start_wandb(run_dir: Path, config, model_config: dict):
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if not run_id:
-        run_id = wandb.util.generate_id()
+        # W&B's own form of id: 8 lowercase letters and digits.
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         safe_files.write_atomically(id_file, run_id + "\n")
-    run = wandb.init(project=config.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
-                     name=run_dir.name, config={"model": model_config, "train": dataclasses.asdict(config)})
+    try:
+        run = wandb.init(project=config.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
+                         name=run_dir.name, config={"model": model_config, "train": dataclasses.asdict(config)})
+    except Exception as error:  # not logged in, no network, a bad project name...
+        raise MetricsError(f"W&B project {config.wandb_project!r}: {safe_files.first_line(error)} "
+                           f"(WANDB_MODE=offline logs to {run_dir / 'wandb'} without a network)") from None
     # Our step is the x-axis: W&B's own step only ever grows, and a resumed run logs
     # steps again from its checkpoint on.
     run.define_metric("global_step")

@@ -164,6 +164,8 @@ def test_ddp_equals_one_process_with_averaged_gradients(full_run, datasets_dir):
         assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1 and row["cpu_rss_bytes"] > 10_000_000
     elapsed = [row["elapsed_seconds"] for row in rows if row["kind"] == "train"]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    # TensorBoard and W&B are off by default and leave nothing behind.
+    assert not any((run_dir / name).exists() for name in ("tensorboard", "wandb", "wandb-run-id"))
 
 
 def test_sigkilled_twice_then_resumed_is_bitwise_identical(full_run, tmp_path, datasets_dir):
