@@ -244,20 +244,24 @@ def test_no_clipping_draws_no_clip_line_or_bars(tmp_path):
 
 def test_rows_missing_keys_or_values_still_draw(tmp_path):
     # A run resumed with other settings, or a newer writer's rows: missing keys, null, a
-    # diverged NaN/Infinity loss, an unknown kind, a step logged twice (the last wins).
+    # diverged NaN/Infinity loss, an unknown kind, a step logged twice (the last wins),
+    # values that are no numbers.
     rows = [{"kind": "train", "step": 0, "loss": 10.9},
             {"kind": "train", "step": 1, "loss": None, "learning_rate": 0.001},
             {"kind": "train", "step": 2, "loss": float("inf"), "grad_norm": 2.0},
             {"kind": "train", "step": 3, "loss": float("nan"), "tokens_per_second": 100.0},
             {"kind": "train", "step": 3, "loss": 9.0, "tokens_per_second": 120.0, "mfu": 0.3},
+            {"kind": "train", "step": 4, "loss": "n/a", "learning_rate": True},
             {"kind": "benchmark", "step": 3, "hellaswag": 0.25},
             {"kind": "validation", "step": 3, "val_loss": 9.5}]
     png = tmp_path / "metrics.png"
     figure = chart.draw_metrics_chart(json.loads(json.dumps(rows)), png, grad_clip=1.0)
     assert png.read_bytes()[:8] == PNG_MAGIC
     loss_line = axes_named(figure, "loss").lines[0]
-    assert list(loss_line.get_xdata()) == [0, 1, 2, 3]
-    assert [str(value) for value in loss_line.get_ydata()] == ["10.9", "nan", "nan", "9.0"]
+    assert list(loss_line.get_xdata()) == [0, 1, 2, 3, 4]
+    assert [str(value) for value in loss_line.get_ydata()] == ["10.9", "nan", "nan", "9.0", "nan"]
+    lr_line = axes_named(figure, "learning rate").lines[0]
+    assert [str(value) for value in lr_line.get_ydata()] == ["nan", "0.001", "nan", "nan", "nan"]
 
     # Nothing at all: every panel says so.
     figure = chart.draw_metrics_chart([], png)
