@@ -394,9 +394,9 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
             # background hidden so that the bars show through.
             norm_axes.set_zorder(share_axes.get_zorder() + 1)
             norm_axes.patch.set_visible(False)
-            per = "each logged row's steps" if width is None else f"each {_thousands(width)} steps"
+            per = "logged row" if width is None else f"{_thousands(width)} steps"
             bars = share_axes.stairs(shares, edges, fill=True, color="tab:red", alpha=0.2,
-                                     path_effects=[], label=f"steps clipped, share of {per} (right)")
+                                     path_effects=[], label=f"steps clipped, share per {per} (right)")
             bars.set_sketch_params(None)  # xkcd's wobble would fray the bars' fill into stripes
             handles.append(bars)
             share_axes.set_ylim(0, 1.05)
@@ -541,7 +541,7 @@ def run_grad_clip(run_dir):
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def main(run_dir):
     """Redraw RUN_DIR's charts: big-training-run-chart.png from RUN_DIR/checkpoints and,
     when RUN_DIR/metrics.jsonl exists, training-metrics-chart.png from it."""

@@ -71,6 +71,9 @@ def test_command_redraws_a_run_chart(tmp_path):
     result = CliRunner().invoke(chart.main, [str(run_dir)])
     assert result.exit_code == 0, result.output
     assert (run_dir / chart.CHART_FILE).read_bytes()[:8] == PNG_MAGIC
+    # No metrics.jsonl (the original scripts' run): the loss chart alone, and no warning.
+    assert result.output == f"wrote {run_dir / chart.CHART_FILE} (1 points)\n"
+    assert sorted(os.listdir(run_dir)) == [chart.CHART_FILE, "checkpoints"]
 
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
