@@ -104,8 +104,8 @@ def draw_loss_chart(points, best_step, png_path):
 # --- the metrics chart ---
 
 # A noisy series of many rows gets a rolling mean over its faint raw line, the window this
-# share of the rows, so that the smoothing looks alike at every run length; under 5 rows
-# a window (fewer than 200 rows), the series is drawn as logged.
+# share of the rows, so that the smoothing looks alike at every run length. The window is
+# odd and at least 5 rows: under 160 rows, the series is drawn as logged.
 SMOOTHING_SHARE = 1 / 40
 # At most this many bars of "share of steps clipped" across the gradient-norm panel.
 MAX_CLIP_BARS = 50
