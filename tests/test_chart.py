@@ -1,7 +1,10 @@
-"""The loss chart: drawn headless, atomically, from our checkpoints or the original scripts'."""
+"""The charts: the loss chart drawn headless, atomically, from our checkpoints or the
+original scripts'; the metrics chart from metrics.jsonl at several run lengths."""
 
 import json
+import math
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,9 @@ def test_command_redraws_a_run_chart(tmp_path):
     result = CliRunner().invoke(chart.main, [str(run_dir)])
     assert result.exit_code == 0, result.output
     assert (run_dir / chart.CHART_FILE).read_bytes()[:8] == PNG_MAGIC
+    # No metrics.jsonl (the original scripts' run): the loss chart alone, and no warning.
+    assert result.output == f"wrote {run_dir / chart.CHART_FILE} (1 points)\n"
+    assert sorted(os.listdir(run_dir)) == [chart.CHART_FILE, "checkpoints"]
 
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
@@ -105,16 +111,21 @@ def no_xkcd_font():
     font_manager.fontManager.ttflist[:] = before
 
 
-def test_xkcd_style_when_the_font_is_installed(tmp_path, humor_sans_font, recwarn):
+def test_xkcd_style_when_the_font_is_installed(tmp_path, humor_sans_font, recwarn, caplog):
     import matplotlib
 
     assert chart.xkcd_font_installed()
     png = tmp_path / "chart.png"
     figure = chart.draw_loss_chart([point(0, 9.0, 9.5, True), point(10, 8.0, 8.5)], 0, png)
+    metrics_figure = chart.draw_metrics_chart(synthetic_metrics(10), tmp_path / "metrics.png", 1.0)
     assert png.read_bytes()[:8] == PNG_MAGIC
-    assert figure.axes[0].lines[0].get_sketch_params() is not None  # hand-drawn wobble
+    for drawn in (figure, metrics_figure):
+        assert drawn.axes[0].lines[0].get_sketch_params() is not None  # hand-drawn wobble
+        assert drawn.axes[0].title.get_fontfamily() == ["Humor Sans"]
     assert matplotlib.rcParams["path.sketch"] is None  # and the style did not leak out
     assert not [w for w in recwarn if "findfont" in str(w.message)]
+    # Nor a logged "findfont: Font family 'xkcd' not found." per text drawn.
+    assert not [record for record in caplog.records if "findfont" in record.getMessage()]
 
 
 def test_plain_style_without_the_font(tmp_path, no_xkcd_font, recwarn):
@@ -123,3 +134,217 @@ def test_plain_style_without_the_font(tmp_path, no_xkcd_font, recwarn):
                                    tmp_path / "chart.png")
     assert figure.axes[0].lines[0].get_sketch_params() is None
     assert not [w for w in recwarn if "findfont" in str(w.message)]
+
+
+# --- the metrics chart (training-metrics-chart.png, from metrics.jsonl) ---
+
+def synthetic_metrics(steps, log_interval=1, grad_clip=1.0, seed=0):
+    """metrics.jsonl rows of a made-up run shaped like a real one: cosine learning rate
+    after a linear warmup, a noisy loss falling from 11 towards 3.3, gradient norms that
+    start high (clipped) and settle with a few spikes, a slow first step, and validation
+    rows at twenty checkpoints."""
+    rng = random.Random(seed)
+    warmup, peak, floor = max(1, steps // 20), 6e-4, 6e-5
+    validation_interval, tokens_per_step = max(1, steps // 20), 524_288
+    rows, pending, best, elapsed, logged_at = [], [], math.inf, 0.0, 0.0
+    for step in range(steps):
+        if step < warmup:
+            learning_rate = peak * (step + 1) / warmup
+        else:
+            progress = (step - warmup) / max(1, steps - warmup)
+            learning_rate = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        expected_loss = 3.3 + 7.7 * math.exp(-step / max(1, steps / 12))
+        loss = expected_loss + rng.gauss(0, 0.04 + 0.15 * math.exp(-step / max(1, steps / 8)))
+        norm = (0.35 + 6 * math.exp(-step / max(1, steps / 25))) * math.exp(rng.gauss(0, 0.25))
+        norm *= 4 if rng.random() < 0.01 else 1
+        elapsed += 25.0 if step == 0 else 1.1 * math.exp(rng.gauss(0, 0.02))  # compiling first
+        pending.append((loss, norm))
+        if (step + 1) % log_interval == 0 or step == steps - 1:
+            tokens_per_second = tokens_per_step * len(pending) / (elapsed - logged_at)
+            row = {"kind": "train", "step": step, "loss": sum(l for l, _ in pending) / len(pending),
+                   "learning_rate": learning_rate, "tokens_per_second": tokens_per_second,
+                   "mfu": tokens_per_second * 6 * 124e6 / 989e12,
+                   "tokens_seen": (step + 1) * tokens_per_step, "elapsed_seconds": elapsed,
+                   "cuda_max_allocated_bytes": 61 * 2**30}
+            if grad_clip is not None:
+                row["grad_norm"] = sum(n for _, n in pending) / len(pending)
+                row["clipped_fraction"] = sum(n > grad_clip for _, n in pending) / len(pending)
+            rows.append(row)
+            pending, logged_at = [], elapsed
+        if step % validation_interval == 0 or step == steps - 1:
+            val_loss = expected_loss + 0.04 + rng.gauss(0, 0.01)
+            rows.append({"kind": "validation", "step": step, "train_loss": expected_loss,
+                         "val_loss": val_loss, "is_best": val_loss < best,
+                         "checkpoint": f"20261202-120000-iteration-{step}"})
+            best = min(best, val_loss)
+    return rows
+
+
+def write_metrics(path, rows):
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def axes_named(figure, ylabel):
+    (axes,) = [axes for axes in figure.axes if axes.get_ylabel() == ylabel]
+    return axes
+
+
+def horizontal_lines(axes):
+    """axhline's lines: two points spanning the axes' width at one height."""
+    return [line for line in axes.lines if list(line.get_xdata()) == [0, 1]
+            and len(set(line.get_ydata())) == 1]
+
+
+def clip_bars(figure):
+    from matplotlib.patches import StepPatch
+
+    return [patch for axes in figure.axes for patch in axes.patches if isinstance(patch, StepPatch)]
+
+
+@pytest.mark.parametrize("steps", [10, 10_000])
+def test_metrics_chart_is_a_readable_png(tmp_path, steps):
+    from matplotlib.image import imread
+
+    rows = synthetic_metrics(steps)
+    png = tmp_path / chart.METRICS_CHART_FILE
+    figure = chart.draw_metrics_chart(rows, png, grad_clip=1.0)
+    assert imread(png).shape[:2] == (1000, 1200)  # 12 x 10 inches at 100 dpi
+    assert os.listdir(tmp_path) == [chart.METRICS_CHART_FILE]
+
+    norm_axes = axes_named(figure, "gradient norm")
+    assert [list(line.get_ydata()) for line in horizontal_lines(norm_axes)] == [[1.0, 1.0]]
+    (bars,) = clip_bars(figure)
+    train_rows = [row for row in rows if row["kind"] == "train"]
+    shares = bars.get_data().values
+    if steps == 10:
+        # Few rows: a bar each, as logged, and every line drawn as logged.
+        assert list(shares) == [row["clipped_fraction"] for row in train_rows]
+        assert all(line.get_alpha() is None for line in norm_axes.lines)
+    else:
+        # Many rows: at most MAX_CLIP_BARS bars of 200 steps; the noisy series drawn faint
+        # under a rolling mean; the loss panel's top leaves out the first steps' loss.
+        assert len(shares) <= chart.MAX_CLIP_BARS
+        assert list(bars.get_data().edges[:2]) == [-0.5, 199.5]
+        clipped = [row["clipped_fraction"] for row in train_rows[:200]]
+        assert shares[0] == pytest.approx(sum(clipped) / 200)
+        assert [line.get_alpha() for line in norm_axes.lines[:2]] == [0.25, None]
+        loss_axes = axes_named(figure, "loss")
+        assert max(row["loss"] for row in train_rows) > loss_axes.get_ylim()[1] > 3.5
+        assert chart.CHART_FILE in loss_axes.get_title()
+        # Thousands separators on the step axis.
+        labels = [label.get_text() for label in figure.axes[3].get_xticklabels()]
+        assert "10,000" in labels
+
+
+def test_no_clipping_draws_no_clip_line_or_bars(tmp_path):
+    rows = synthetic_metrics(10, grad_clip=None)
+    assert not any("grad_norm" in row for row in rows)
+    figure = chart.draw_metrics_chart(rows, tmp_path / "metrics.png", grad_clip=None)
+    norm_axes = axes_named(figure, "gradient norm")
+    assert len(norm_axes.lines) == 0 and clip_bars(figure) == []
+    assert "no gradient norm logged" in " ".join(text.get_text() for text in norm_axes.texts)
+
+
+def test_rows_missing_keys_or_values_still_draw(tmp_path):
+    # A run resumed with other settings, or a newer writer's rows: missing keys, null, a
+    # diverged NaN/Infinity loss, an unknown kind, a step logged twice (the last wins),
+    # values that are no numbers.
+    rows = [{"kind": "train", "step": 0, "loss": 10.9},
+            {"kind": "train", "step": 1, "loss": None, "learning_rate": 0.001},
+            {"kind": "train", "step": 2, "loss": float("inf"), "grad_norm": 2.0},
+            {"kind": "train", "step": 3, "loss": float("nan"), "tokens_per_second": 100.0},
+            {"kind": "train", "step": 3, "loss": 9.0, "tokens_per_second": 120.0, "mfu": 0.3},
+            {"kind": "train", "step": 4, "loss": "n/a", "learning_rate": True},
+            {"kind": "benchmark", "step": 3, "hellaswag": 0.25},
+            {"kind": "validation", "step": 3, "val_loss": 9.5}]
+    png = tmp_path / "metrics.png"
+    figure = chart.draw_metrics_chart(json.loads(json.dumps(rows)), png, grad_clip=1.0)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    loss_line = axes_named(figure, "loss").lines[0]
+    assert list(loss_line.get_xdata()) == [0, 1, 2, 3, 4]
+    assert [str(value) for value in loss_line.get_ydata()] == ["10.9", "nan", "nan", "9.0", "nan"]
+    lr_line = axes_named(figure, "learning rate").lines[0]
+    assert [str(value) for value in lr_line.get_ydata()] == ["nan", "0.001", "nan", "nan", "nan"]
+
+    # Nothing at all: every panel says so.
+    figure = chart.draw_metrics_chart([], png)
+    assert sum(len(axes.texts) for axes in figure.axes) == 4
+
+
+def test_clipped_share_weighs_rows_by_the_steps_they_cover():
+    import numpy as np
+
+    # Rows every 10 steps, then every step, then every 5: the bucket of steps 480-499
+    # holds one row of 10 steps and ten rows of one.
+    steps = list(range(9, 490, 10)) + list(range(490, 600)) + list(range(604, 1000, 5))
+    rng = random.Random(1)
+    fractions = [rng.random() for _ in steps]
+    edges, shares, width = chart.clipped_share_bars(
+        np.array(steps, dtype=float), chart.steps_covered(steps), np.array(fractions))
+    assert width == 20 and len(shares) == 50
+    # The same from every step's own fraction, step by step.
+    per_step, previous = {}, -1
+    for step, fraction in zip(steps, fractions):
+        for covered_step in range(previous + 1, step + 1):
+            per_step[covered_step] = fraction
+        previous = step
+    for start, share in zip(range(0, 1000, 20), shares):
+        bucket = [per_step[step] for step in range(start, start + 20)]
+        assert share == pytest.approx(sum(bucket) / len(bucket))
+    assert list(edges[:2]) == [-0.5, 19.5]
+
+
+def test_rolling_mean_skips_and_keeps_gaps():
+    import numpy as np
+
+    values = [1.0, 2.0, math.nan, 4.0, 5.0, 6.0, 7.0]
+    means = chart.rolling_mean(np.array(values), 3)
+    expected = [1.5, 1.5, math.nan, 4.5, 5.0, 6.0, 6.5]  # neighbours that are numbers
+    assert [str(value) for value in means] == [str(value) for value in expected]
+
+
+def test_steps_covered():
+    assert list(chart.steps_covered([0, 1, 2])) == [1, 1, 1]
+    assert list(chart.steps_covered([9, 19, 29])) == [10, 10, 10]
+    # A log that starts mid-run (continuing the original scripts' run): not step + 1.
+    assert list(chart.steps_covered([5009, 5019])) == [10, 10]
+
+
+def test_redraw_charts_draws_both_or_only_the_loss_chart(tmp_path):
+    history = [point(0, 10.9, 10.8, True), point(9, 3.5, 3.6, True)]
+    assert chart.redraw_charts(tmp_path, history, 9, 1.0) == ([tmp_path / chart.CHART_FILE], [])
+    assert not (tmp_path / chart.METRICS_CHART_FILE).exists()
+
+    write_metrics(tmp_path / "metrics.jsonl", synthetic_metrics(10))
+    redrawn = chart.redraw_charts(tmp_path, history, 9, 1.0)
+    assert redrawn.files == [tmp_path / chart.CHART_FILE, tmp_path / chart.METRICS_CHART_FILE]
+    assert (tmp_path / chart.METRICS_CHART_FILE).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_command_redraws_both_charts_and_names_a_garbage_line(tmp_path):
+    run_dir = tmp_path / "run"
+    write_checkpoint(run_dir / "checkpoints", "20250101Z000000-iteration-0", point(0, 9.0, 9.5, True))
+    (run_dir / "train.json").write_text(json.dumps({
+        "dataset": "toy", "min_train_tokens": 256, "start_train_token": 0, "start_val_token": 0,
+        "minibatch_size": 2, "validation_interval": 2, "validation_batches": 3, "grad_clip": 1.0}))
+    lines = [json.dumps(row) for row in synthetic_metrics(10)]
+    lines.insert(2, '{"kind": "train", "step": 1, "lo')  # line 3: torn by a crash
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(chart.main, [str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("\n") == 1
+    assert f"{run_dir / 'metrics.jsonl'}: line 3 " in result.stderr
+    assert result.stdout.splitlines() == [f"wrote {run_dir / chart.CHART_FILE} (1 points)",
+                                          f"wrote {run_dir / chart.METRICS_CHART_FILE}"]
+    for name in (chart.CHART_FILE, chart.METRICS_CHART_FILE):
+        assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_run_grad_clip_comes_from_train_json(tmp_path):
+    assert chart.run_grad_clip(tmp_path) is None  # no train.json: no line
+    train = {"dataset": "toy", "min_train_tokens": 256, "start_train_token": 0, "start_val_token": 0,
+             "minibatch_size": 2, "validation_interval": 2, "validation_batches": 3}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    assert chart.run_grad_clip(tmp_path) is None
+    (tmp_path / "train.json").write_text(json.dumps({**train, "grad_clip": 0.5}))
+    assert chart.run_grad_clip(tmp_path) == 0.5
