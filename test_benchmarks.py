@@ -24,18 +24,18 @@ from command_line import answer_usage_first
 @click.command()
 @click.argument("model_json", type=click.Path(dir_okay=False))
 @click.argument("weights", type=click.Path(dir_okay=False))
-@click.option("--tasks", required=True,
+@click.option("--tasks", required=True, metavar="LIST",
               help="Comma-separated lm-eval task, group or tag names (glob patterns too, as "
                    "lm-eval takes them), e.g. hellaswag,arc_easy,piqa. "
                    "List them with `uv run lm-eval ls tasks`.")
-@click.option("--include-path", "include_paths", multiple=True, type=click.Path(),
+@click.option("--include-path", "include_paths", multiple=True, type=click.Path(), metavar="DIR",
               help="A directory of your own task YAML files, searched with lm-eval's "
                    "(repeat for several).")
-@click.option("--num-fewshot", default=None, type=click.IntRange(min=0),
+@click.option("--num-fewshot", default=None, type=click.IntRange(min=0), metavar="N",
               help="Examples shown before each question (default: each task's own, mostly 0).")
-@click.option("--limit", default=None, type=click.IntRange(min=1),
+@click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
               help="Score only the first N examples of each task: a quick look, not a score to report.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Sequences per forward pass.")
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
@@ -184,12 +184,19 @@ def load_tasks(task_manager, names):
 
 
 def refuse_what_cannot_run_here(loaded):
-    """One line for a task this script can't run, before the model loads: one that runs
-    the code the model writes (lm-eval marks it unsafe), or one that needs images."""
+    """One line for what lm-eval would refuse only after the model has loaded, or with a
+    traceback: a task asked for twice (by a group and by name, say), a task that runs the
+    code the model writes (lm-eval marks it unsafe), a task that needs images."""
     from lm_eval.api.group import Group
 
+    asked_by = {}
     for item in loaded:
+        source = item.name if isinstance(item, Group) else item.task_name
         for task in item.get_all_tasks() if isinstance(item, Group) else [item]:
+            if asked_by.setdefault(task.task_name, source) != source:
+                raise click.ClickException(
+                    f"--tasks: task '{task.task_name}' is asked for twice, by "
+                    f"'{asked_by[task.task_name]}' and by '{source}'; ask for it once")
             if getattr(task, "UNSAFE_CODE", False):
                 raise click.ClickException(
                     f"lm-eval task '{task.task_name}' runs the code the model writes (lm-eval marks "
