@@ -2,9 +2,10 @@
 the local tasks in tests/data/lm_eval_tasks, its scores checked against the same
 loglikelihoods computed with our own GPTModel and tokenizer.
 
-lm-eval takes ~15 s to start here (its import, then indexing the ~15,000 task files it
-ships), so the script runs as users run it once; its mistakes are checked in this
-process with click's runner, the unknown task name (which needs that index) last.
+lm-eval takes seconds to start (its import; and, for a name that isn't a task of the
+include path, an index of the ~15,000 task files it ships, ~10 s), so the script runs as
+users run it twice: the scores, and an unsafe task (refused once its data is loaded).
+Its other mistakes are checked in this process with click's runner.
 """
 
 import json
