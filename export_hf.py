@@ -16,7 +16,6 @@ import click
 import safe_files
 import tokenizer
 from command_line import answer_usage_first
-from config import read_json_object, validate_model_config
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
@@ -41,30 +40,7 @@ def main(**arguments):
 answer_usage_first(main)
 # Only now, with the command line known to be good: torch takes seconds to import, and
 # --help or a mistyped option should answer at once.
-from safetensors.torch import save_file  # noqa: E402
-
 import hf_gpt2  # noqa: E402
-from checkpointing import check_weights_config, read_weights  # noqa: E402
-
-
-def load_gpt2_expressible_config(path):
-    raw = read_json_object(path)
-    cfg = validate_model_config(raw, path)
-    for key in raw:
-        if key not in hf_gpt2.GPT2_EXPRESSIBLE_KEYS:
-            raise hf_gpt2.HFFormatError(
-                f"{path}: key '{key}' has no GPT-2 equivalent, so this model can't be "
-                "exported as a transformers GPT2LMHeadModel"
-            )
-    return cfg
-
-
-def load_checked_weights(path, cfg, model_config_path=None):
-    # Weights that record their model config are refused by another model.json.
-    check_weights_config(path, cfg, model_config_path)
-    weights = read_weights(path)
-    hf_gpt2.check_our_tensors(weights, cfg, path)
-    return weights
 
 
 # --- model card ---
@@ -206,26 +182,13 @@ def export(model_config_path, model_safetensors_path, output_dir, repo_id, priva
         check_repo_id(repo_id)  # before the export, not after it
     output_dir = Path(output_dir)
     safe_files.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
-    cfg = load_gpt2_expressible_config(model_config_path)
-    weights = load_checked_weights(model_safetensors_path, cfg, model_config_path)
-
-    tensors, tied = hf_gpt2.to_transformers(weights, cfg)
-    dtype = weights["tok_emb.weight"].dtype
-    parameters = sum(tensor.numel() for tensor in tensors.values())
+    cfg, weights = hf_gpt2.read_exportable_checkpoint(model_config_path, model_safetensors_path)
     card_name = repo_id or output_dir.resolve().name
     facts = checkpoint_facts(model_safetensors_path)
 
     with safe_files.staged_output(output_dir) as staging:
-        # transformers reads the "format" entry to know these are PyTorch tensors.
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        for file_name, content in (
-            ("config.json", hf_gpt2.transformers_config(cfg, tied, dtype)),
-            ("generation_config.json", hf_gpt2.generation_config(cfg)),
-        ):
-            (staging / file_name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        if cfg["vocab_size"] >= tokenizer.VOCAB_SIZE:
-            hf_gpt2.write_tokenizer_files(staging, cfg["context_length"])
-        else:
+        tied, dtype, parameters = hf_gpt2.write_transformers_model(staging, cfg, weights)
+        if not hf_gpt2.has_gpt2_tokenizer(cfg):
             click.echo(f"note: vocab_size {cfg['vocab_size']} is smaller than GPT-2's "
                        f"{tokenizer.VOCAB_SIZE}, so no tokenizer files are written", err=True)
         (staging / "README.md").write_text(

@@ -9,7 +9,9 @@ Our GPTModel *is* GPT-2 (learned positions, pre-norm blocks, tanh GELU, LayerNor
   - GPT-2 ties its output head to the token embedding; ours is a separate `out_head`.
 
 The tokenizer files are derived from the vendored rank file, so nothing is downloaded.
-This module does the mapping only; export_hf.py and import_hf.py do the I/O around it.
+This module does the mapping, and reads a checkpoint for export and writes the
+transformers directory (export_hf.py's files, test_benchmarks.py's temporary copy);
+the scripts do the rest of the I/O (the model card, the Hub, staging, lm-eval).
 """
 
 import json
@@ -18,9 +20,11 @@ from pathlib import Path
 
 import click
 import torch
+from safetensors.torch import save_file
 
 import checkpointing
 import tokenizer
+from config import read_json_object, validate_model_config
 
 GPT2_MODEL_TYPE = "gpt2"
 # The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key
@@ -218,6 +222,52 @@ def check_our_tensors(state_dict, cfg, path):
     shapes = our_shapes(cfg)
     masks = {name for name in shapes if name.endswith(".att.mask")}
     checkpointing.check_state_dict(state_dict, shapes, path, may_be_missing=masks)
+
+
+# --- a checkpoint in, a transformers directory out ---
+
+def read_exportable_checkpoint(model_config_path, weights_path):
+    """(model config, state dict) of a checkpoint that can be written as a GPT2LMHeadModel.
+
+    Refused with one line naming the file and key or tensor: a model.json key with no
+    GPT-2 equivalent, weights written for another model.json, a missing or mis-shaped
+    tensor.
+    """
+    raw = read_json_object(model_config_path)
+    cfg = validate_model_config(raw, model_config_path)
+    for key in raw:
+        if key not in GPT2_EXPRESSIBLE_KEYS:
+            raise HFFormatError(
+                f"{model_config_path}: key '{key}' has no GPT-2 equivalent, so this model can't be "
+                "exported as a transformers GPT2LMHeadModel"
+            )
+    # Weights that record their model config are refused by another model.json.
+    checkpointing.check_weights_config(weights_path, cfg, model_config_path)
+    weights = checkpointing.read_weights(weights_path)
+    check_our_tensors(weights, cfg, weights_path)
+    return cfg, weights
+
+
+def has_gpt2_tokenizer(cfg):
+    """Whether GPT-2's tokenizer fits the model: every one of its ids has an embedding."""
+    return cfg["vocab_size"] >= tokenizer.VOCAB_SIZE
+
+
+def write_transformers_model(directory, cfg, weights):
+    """Write a GPT2LMHeadModel that AutoModelForCausalLM loads into an existing directory:
+    model.safetensors, config.json, generation_config.json, and GPT-2's tokenizer files
+    when has_gpt2_tokenizer(cfg). Returns (tied, dtype, parameter count)."""
+    directory = Path(directory)
+    tensors, tied = to_transformers(weights, cfg)
+    dtype = weights["tok_emb.weight"].dtype
+    # transformers reads the "format" entry to know these are PyTorch tensors.
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for file_name, content in (("config.json", transformers_config(cfg, tied, dtype)),
+                               ("generation_config.json", generation_config(cfg))):
+        (directory / file_name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    if has_gpt2_tokenizer(cfg):
+        write_tokenizer_files(directory, cfg["context_length"])
+    return tied, dtype, sum(tensor.numel() for tensor in tensors.values())
 
 
 # --- config ---

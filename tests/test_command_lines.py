@@ -17,15 +17,15 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What takes seconds to import; none of it may load before the command line is answered.
 HEAVY_MODULES = ("torch", "numpy", "pyarrow", "pandas", "datasets", "matplotlib", "openai",
-                 "transformers")
+                 "transformers", "lm_eval")
 
 DDP_TRAIN = "ddp_train.py"
 SCRIPTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "test_ift.py", "export_hf.py", "import_hf.py",
            "prepare_datasets.py", "download-fineweb-10b.py", "make_sample_corpus.py", "chart.py",
-           "judge.py"]
+           "judge.py", "test_benchmarks.py"]
 # The scripts with an argument that must be given.
 SCRIPTS_WITH_ARGUMENTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "export_hf.py",
-                          "import_hf.py", "prepare_datasets.py", "chart.py"]
+                          "import_hf.py", "prepare_datasets.py", "chart.py", "test_benchmarks.py"]
 
 
 def run_with_import_log(*command, cwd=PROJECT_ROOT):

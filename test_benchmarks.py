@@ -1,0 +1,319 @@
+"""Benchmark scores of a checkpoint with lm-evaluation-harness (HellaSwag, ARC, PIQA, ...).
+
+    uv run python test_benchmarks.py MODEL_JSON WEIGHTS --tasks hellaswag,arc_easy [options]
+
+The checkpoint is written as a plain transformers GPT2LMHeadModel with GPT-2's tokenizer
+(export_hf.py's files) into a temporary directory, and lm-eval's own `hf` model scores
+that, exactly as it scores GPT-2: the numbers are comparable with every published lm-eval
+figure for the same task and settings. GPT-2's own scores come the same way, from a
+checkpoint that import_hf.py made of openai-community/gpt2.
+"""
+
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+import safe_files
+from command_line import answer_usage_first
+
+
+@click.command()
+@click.argument("model_json", type=click.Path(dir_okay=False))
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--tasks", required=True, metavar="LIST",
+              help="Comma-separated lm-eval task, group or tag names (glob patterns too, as "
+                   "lm-eval takes them), e.g. hellaswag,arc_easy,piqa. "
+                   "List them with `uv run lm-eval ls tasks`.")
+@click.option("--include-path", "include_paths", multiple=True, type=click.Path(), metavar="DIR",
+              help="A directory of your own task YAML files, searched with lm-eval's "
+                   "(repeat for several).")
+@click.option("--num-fewshot", default=None, type=click.IntRange(min=0), metavar="N",
+              help="Examples shown before each question (default: each task's own, mostly 0).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Score only the first N examples of each task: a quick look, not a score to report.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Sequences per forward pass.")
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Autocast precision (default: bf16 where supported, else fp16 on GPUs and fp32 on CPUs).")
+@click.option("--output", default=None, type=click.Path(dir_okay=False),
+              help="Also write lm-eval's results JSON to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
+def main(**arguments):
+    """Score a checkpoint on lm-evaluation-harness tasks and print a table of the results."""
+    score_checkpoint(**arguments)
+
+
+answer_usage_first(main)
+# Only now, with the command line known to be good: torch takes seconds to import, and
+# --help or a mistyped option should answer at once. lm-eval itself (seconds more) is
+# imported where it is first needed, after the checks that answer at once.
+import torch  # noqa: E402
+
+import hf_gpt2  # noqa: E402
+import tokenizer  # noqa: E402
+from devices import TORCH_DTYPES, choose_device_and_dtype  # noqa: E402
+
+LIST_TASKS = "uv run lm-eval ls tasks"
+
+
+# --- what can be checked before any slow work ---
+
+def task_names(tasks):
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("no task names given", param_hint="--tasks")
+    return list(dict.fromkeys(names))  # each once, in the order given
+
+
+def checked_include_dir(path):
+    """A directory lm-eval can search for task YAML files, or one line saying why not.
+    lm-eval itself skips a missing or unreadable directory without a word, and then
+    calls the tasks in it unknown."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise click.ClickException(f"--include-path {path}: no such directory")
+    if not directory.is_dir():
+        raise click.ClickException(f"--include-path {path}: not a directory")
+    try:
+        has_yaml = next(directory.glob("**/*.yaml"), None) is not None
+    except OSError as error:
+        raise click.ClickException(f"--include-path {path}: cannot read it ({error.strerror})") from None
+    if not has_yaml:
+        raise click.ClickException(f"--include-path {path}: holds no task files (*.yaml)")
+    return str(directory.resolve())
+
+
+def check_output(path, overwrite):
+    """Refuse, now rather than after an hour of scoring, a results file that can't be
+    written: a missing directory, an existing file (without --overwrite), a directory or
+    file system that takes no new files."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise click.ClickException(f"--output {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise click.ClickException(f"--output {path}: is a directory")
+    if path.exists() and not overwrite:
+        raise click.ClickException(f"--output {path} already exists; pass --overwrite to replace it")
+    # Permission bits don't tell (root ignores them; a read-only mount, /proc): try.
+    probe = safe_files.hidden_temporary(path, "probe")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise click.ClickException(f"--output {path}: cannot write there ({error.strerror})") from None
+
+
+def read_checkpoint(model_json, weights):
+    """Our model config and weights, refused now (one line) where they don't fit together
+    or can't become a GPT2LMHeadModel that reads text."""
+    cfg, state_dict = hf_gpt2.read_exportable_checkpoint(model_json, weights)
+    if not hf_gpt2.has_gpt2_tokenizer(cfg):
+        raise click.ClickException(
+            f"{model_json}: vocab_size {cfg['vocab_size']} is smaller than GPT-2's "
+            f"{tokenizer.VOCAB_SIZE}: lm-eval's tasks are text, read with GPT-2's tokenizer")
+    return cfg, state_dict
+
+
+# --- lm-eval ---
+
+def lm_eval_task_manager(names, include_dirs):
+    """lm-eval's TaskManager, which finds tasks by name.
+
+    It indexes every task file lm-eval ships, some 15,000 (~10 s), then the include
+    paths, whose tasks take precedence. When every name is a task of the include paths
+    (not a group or tag, which may gather lm-eval's own tasks), those paths alone are
+    indexed: the same tasks, found without the wait.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_dirs:
+        own_tasks = TaskManager(include_path=include_dirs, include_defaults=False)
+        if set(names) <= set(own_tasks.all_subtasks):
+            return own_tasks
+    return TaskManager(include_path=include_dirs or None)
+
+
+def select_tasks(task_manager, names, include_dirs):
+    """Every name as lm-eval's own command line takes it (task, group, tag, or a glob
+    pattern over them); all the unknown ones named in one line."""
+    selected, unknown = [], []
+    for name in names:
+        matches = task_manager.match_tasks([name])
+        if not matches:
+            unknown.append(name)
+        selected += [match for match in matches if match not in selected]
+    if unknown:
+        listed = ", ".join(f"'{name}'" for name in unknown)
+        where = "lm-eval's tasks, groups and tags"
+        list_command = LIST_TASKS
+        if include_dirs:
+            where += f", nor in a task YAML under {', '.join(include_dirs)} that parses"
+            list_command += f" --include_path {':'.join(include_dirs)}"
+        raise click.ClickException(
+            f"--tasks: unknown task{'s' if len(unknown) > 1 else ''} {listed}: not among {where}; "
+            f"list them with `{list_command}`")
+    return selected
+
+
+def load_tasks(task_manager, names):
+    """lm-eval's Task and Group objects, datasets fetched. Done before the model is
+    loaded, so that a task that can't be (no network for a Hub dataset, a local data file
+    gone) ends the run in seconds, in one line."""
+    loaded = []
+    for name in names:
+        # Loading runs the datasets library, the Hub client and the task's own code, each
+        # with exception types of its own; any of them ends here as one line.
+        try:
+            found = task_manager.load([name])
+        except Exception as error:
+            raise click.ClickException(
+                f"lm-eval task '{name}' could not be loaded: {safe_files.first_line(error)}") from None
+        groups = found.get("groups", {})
+        if name in groups:
+            loaded.append(groups[name])
+        elif name in found["tasks"]:
+            loaded.append(found["tasks"][name])
+        else:  # a tag: it stands for its tasks
+            loaded += found["tasks"].values()
+    return loaded
+
+
+def refuse_what_cannot_run_here(loaded):
+    """One line for what lm-eval would refuse only after the model has loaded, or with a
+    traceback: a task asked for twice (by a group and by name, say), a task that runs the
+    code the model writes (lm-eval marks it unsafe), a task that needs images."""
+    from lm_eval.api.group import Group
+
+    asked_by = {}
+    for item in loaded:
+        source = item.name if isinstance(item, Group) else item.task_name
+        for task in item.get_all_tasks() if isinstance(item, Group) else [item]:
+            if asked_by.setdefault(task.task_name, source) != source:
+                raise click.ClickException(
+                    f"--tasks: task '{task.task_name}' is asked for twice, by "
+                    f"'{asked_by[task.task_name]}' and by '{source}'; ask for it once")
+            if getattr(task, "UNSAFE_CODE", False):
+                raise click.ClickException(
+                    f"lm-eval task '{task.task_name}' runs the code the model writes (lm-eval marks "
+                    "it unsafe); run it with lm-eval's own command line and "
+                    "--confirm_run_unsafe_code, in a sandbox")
+            if getattr(task, "MULTIMODAL", False):
+                raise click.ClickException(
+                    f"lm-eval task '{task.task_name}' needs images or audio; a GPT-2 model reads text only")
+
+
+def load_exported_model(cfg, state_dict, device, dtype_name, batch_size):
+    """lm-eval's `hf` model on a GPT2LMHeadModel written, as export_hf.py writes it, to a
+    temporary directory. The directory is gone once the model and tokenizer are loaded.
+
+    The weights are loaded in fp32 and --dtype is autocast, as in every script here;
+    log-softmax runs in fp32 whatever the dtype, so bf16 logits don't round the
+    loglikelihoods that decide between the choices.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    with tempfile.TemporaryDirectory(prefix="test-benchmarks-") as directory:
+        hf_gpt2.write_transformers_model(directory, cfg, state_dict)
+        return HFLM(
+            pretrained=directory,
+            device=str(device),
+            dtype=torch.float32,
+            mixed_precision_dtype=None if dtype_name == "fp32" else TORCH_DTYPES[dtype_name],
+            softmax_dtype=torch.float32,
+            batch_size=batch_size,
+        )
+
+
+# --- the report ---
+
+def formatted(value):
+    if isinstance(value, float):
+        # Accuracies to 4 decimals; a perplexity can run to 10^17 (six digits say enough).
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def results_table(results):
+    """One row per task (and group) and metric, in lm-eval's order: task, metric, value, stderr."""
+    rows = [("task", "metric", "value", "stderr")]
+    for task, metrics in results["results"].items():
+        name = metrics.get("alias", task)
+        for key, value in metrics.items():
+            metric, comma, filter_name = key.partition(",")
+            # Keys without a filter (alias, sample_len) are no scores; a stderr goes beside its metric.
+            if not comma or metric.endswith("_stderr"):
+                continue
+            label = metric if filter_name == "none" else f"{metric} ({filter_name})"
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append((name, label, formatted(value), formatted(stderr)))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]),
+                   row[2].rjust(widths[2]), row[3].rjust(widths[3])]).rstrip()
+        for row in rows
+    )
+
+
+def write_results(path, results):
+    from lm_eval.utils import handle_non_serializable
+
+    # As lm-eval's own command line writes it (its task configs hold functions).
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
+    try:
+        safe_files.write_atomically(path, text)
+    except OSError as error:
+        raise click.ClickException(f"--output {path}: cannot write it ({error.strerror})") from None
+
+
+# --- the whole run ---
+
+def score_checkpoint(model_json, weights, tasks, include_paths, num_fewshot, limit, batch_size,
+                     device, dtype, output, overwrite):
+    if overwrite and output is None:
+        raise click.UsageError("--overwrite only applies with --output FILE")
+    names = task_names(tasks)
+    include_dirs = [checked_include_dir(path) for path in include_paths]
+    if output is not None:
+        check_output(output, overwrite)
+    try:
+        device, dtype_name = choose_device_and_dtype(device, dtype)
+    except (ValueError, RuntimeError) as error:
+        raise click.UsageError(str(error)) from None
+    cfg, state_dict = read_checkpoint(model_json, weights)
+
+    import lm_eval
+
+    task_manager = lm_eval_task_manager(names, include_dirs)
+    selected = select_tasks(task_manager, names, include_dirs)
+    # lm-eval prints some of its progress; stdout is kept for the table.
+    with contextlib.redirect_stdout(sys.stderr):
+        task_objects = load_tasks(task_manager, selected)
+        refuse_what_cannot_run_here(task_objects)
+        lm = load_exported_model(cfg, state_dict, device, dtype_name, batch_size)
+        del state_dict  # the model holds its own copy
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=task_objects, task_manager=task_manager, num_fewshot=num_fewshot,
+            limit=limit, batch_size=batch_size, device=str(device),
+            log_samples=False,  # per-example records: not kept, not written
+        )
+    # lm-eval names the model after the directory it was loaded from: here a temporary
+    # one, gone by now. The checkpoint's own files say what was scored.
+    results["config"]["model"] = str(weights)
+    results["config"]["model_args"] = {"model_json": str(model_json), "weights": str(weights),
+                                       "autocast_dtype": dtype_name}
+    print(results_table(results))  # first: should the file fail, the scores are still seen
+    fewshot = "each task's default few-shot" if num_fewshot is None else f"{num_fewshot}-shot"
+    print(f"lm-eval {lm_eval.__version__} on {device} ({dtype_name}), batch size {batch_size}, {fewshot}"
+          + (f"; --limit {limit}: only the first {limit} examples of each task" if limit else ""))
+    if output is not None:
+        write_results(output, results)
+        print(f"Results written to {output}")
+
+
+if __name__ == "__main__":
+    main()
