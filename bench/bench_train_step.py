@@ -2,7 +2,7 @@
 users would otherwise pick, Hugging Face transformers' GPT2LMHeadModel.
 
     uv run python bench/bench_train_step.py [--batch N] [--repeats N] [--dtype fp32|bf16|fp16]
-                                            [--peers/--no-peers]
+                         [--peers/--no-peers] [--precisions fp32,bf16|fp32|bf16] [--json PATH]
 
 The seed's 163M configuration (emb 768, 12 layers, 12 heads, context 1024, dropout 0.1).
 One step is forward, backward and an AdamW update. Every step starts from the same
@@ -30,6 +30,7 @@ same matmuls. Peak: the datasheet's dense figure for a known GPU, else a large m
 measured in this run, in the precision the row ran in.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devices  # noqa: E402
 import hf_gpt2  # noqa: E402
+import safe_files  # noqa: E402
 from config import load_model_config, load_train_config  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from gpt import GPTModel  # noqa: E402
@@ -147,15 +149,20 @@ def peak_flops(device, dtype_name):
 @click.option("--compile/--no-compile", "use_compile", default=None,
               help="torch.compile ours and transformers' model (default: on CUDA only).")
 @click.option("--peers/--no-peers", default=True, show_default=True,
-              help="Also time transformers' GPT2LMHeadModel, in fp32 and native bf16.")
-def main(batch, repeats, dtype_name, device_name, use_compile, peers):
+              help="Also time transformers' GPT2LMHeadModel.")
+@click.option("--precisions", default="fp32,bf16", show_default=True,
+              type=click.Choice(["fp32,bf16", "fp32", "bf16"]),
+              help="Precisions of ours and transformers side by side (bf16 only where native).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the rows to this JSON file.")
+def main(batch, repeats, dtype_name, device_name, use_compile, peers, precisions, json_path):
     device = devices.resolve_device(device_name)
     batch = batch or (16 if device.type == "cuda" else 2)
     dtype_name = dtype_name or devices.default_dtype_name(device)
     naive_dtype = "fp16" if device.type == "cuda" else dtype_name
     use_compile = device.type == "cuda" if use_compile is None else use_compile
     devices.enable_tf32(device)
-    peer_dtypes = ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
+    peer_dtypes = [name for name in precisions.split(",") if name != "bf16" or native_bf16(device)]
     compiled = ", compiled" if use_compile else ""
 
     torch.manual_seed(0)
@@ -203,7 +210,7 @@ def main(batch, repeats, dtype_name, device_name, use_compile, peers):
         for step_dtype in peer_dtypes:
             add(f"transformers ({step_dtype}{compiled})", "transformers", peer_model,
                 transformers_loss, peer_optimizer, step_dtype)
-        if "bf16" not in peer_dtypes:
+        if "bf16" in precisions and "bf16" not in peer_dtypes:
             print("bf16 rows skipped: no native bf16 on this CPU (no AVX512-BF16 or AMX), "
                   "where bf16 only emulated is slower than fp32")
 
@@ -220,20 +227,30 @@ def main(batch, repeats, dtype_name, device_name, use_compile, peers):
     ours_seconds = {step_dtype: medians[label] for label, (_, implementation, step_dtype)
                     in candidates.items() if implementation == "ours"}
 
-    rows = []
+    results = []
     for label, (_, implementation, step_dtype) in candidates.items():
         seconds = medians[label]
         # Ours against this row: the naive step in --dtype, transformers in its own precision.
         versus = ours_seconds[dtype_name if implementation == "naive" else step_dtype]
-        rows.append([label, f"{seconds:.3f}", f"{tokens / seconds:,.0f}",
-                     "-" if implementation == "ours" else f"{seconds / versus:.2f}x",
-                     f"{flops_per_token * tokens / seconds / peaks[step_dtype][0]:.1%}"])
-    print_table(["step", "s/step (median)", "tokens/s", "ours is faster by", "MFU"], rows)
+        results.append({"label": label, "implementation": implementation, "dtype": step_dtype,
+                        "compiled": use_compile and implementation != "naive",
+                        "seconds": seconds, "tokens_per_second": tokens / seconds,
+                        "ours_faster_by": None if implementation == "ours" else seconds / versus,
+                        "mfu": flops_per_token * tokens / seconds / peaks[step_dtype][0]})
+    print_table(["step", "s/step (median)", "tokens/s", "ours is faster by", "MFU"],
+                [[row["label"], f"{row['seconds']:.3f}", f"{row['tokens_per_second']:,.0f}",
+                  "-" if row["ours_faster_by"] is None else f"{row['ours_faster_by']:.2f}x",
+                  f"{row['mfu']:.1%}"] for row in results])
     print(f"ours / naive: {medians[f'naive ({naive_dtype})'] / ours_seconds[dtype_name]:.2f}x")
     print(f"model FLOPs per token: {flops_per_token / 1e9:.3f} GFLOP "
           f"(6 x matmul parameters + 12 x layers x emb_dim x context)")
     print_table(["peak dtype", "source", "peak TFLOP/s"],
                 [[peak_dtype, source, f"{peak / 1e12:.3f}"] for peak_dtype, (peak, source) in peaks.items()])
+    if json_path is not None:  # for bench/gpu_check.sh's table
+        safe_files.write_atomically(json_path, json.dumps({
+            "device": name, "torch": torch.__version__, "batch": batch, "context_length": seq,
+            "rows": results, "peaks": {key: {"flops": peak, "source": source}
+                                       for key, (peak, source) in peaks.items()}}, indent=1))
 
 
 if __name__ == "__main__":
