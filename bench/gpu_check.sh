@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU machine: the CUDA tests, the 163M preflight and the
 # training-step and generation benchmarks, then ONE table to paste into
-# docs/performance.md (device, date, torch version, figures). About 5-8 minutes on one
-# H100/H200; each step has a time limit, so the whole stays under 8 minutes.
+# docs/performance.md (device, date, torch version, figures). Each step has a time limit,
+# so the whole stays under 8 minutes on one H100/H200.
 #
 #   bash bench/gpu_check.sh                  # from anywhere
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
@@ -20,11 +20,11 @@ PYTHON=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-# Seconds each step may take (worst case 7.7 minutes in all).
+# Seconds each step may take: 470 in all, and a few more to make the dataset and the table.
 TESTS_LIMIT=200
-PREFLIGHT_LIMIT=90
-TRAIN_STEP_LIMIT=150
-GENERATE_LIMIT=20
+PREFLIGHT_LIMIT=50
+TRAIN_STEP_LIMIT=180
+GENERATE_LIMIT=40
 
 fail() { echo "gpu_check.sh: $*" >&2; exit 1; }
 
@@ -77,8 +77,10 @@ model = json.loads((source / "model.json").read_text())
 train = json.loads((source / "train.json").read_text())
 dataset = work / "datasets" / "random-gpt2-tokens"
 dataset.mkdir(parents=True)
-# What a GPU user runs: the config as it is, compiled; on a CPU, one sequence a micro-step.
-train.update(dataset=str(dataset), compile=not on_cpu, **({"minibatch_size": 1} if on_cpu else {}))
+# The config as it stands (uncompiled: an inductor compilation of the 163M model would take
+# a minute of the budget; the training-step benchmark measures compiled); on a CPU, one
+# sequence a micro-step.
+train.update(dataset=str(dataset), **({"minibatch_size": 1} if on_cpu else {}))
 run = work / "run-163m"
 run.mkdir()
 (run / "model.json").write_text(json.dumps(model, indent=2))
@@ -171,7 +173,7 @@ for line in log("preflight").splitlines():
         if line.strip() and not re.match(r"^[WIE]\d{4} ", line):
             preflight.append(" ".join(line.split()))
 train = json.loads((work / "run-163m" / "train.json").read_text())
-rows.append((f"preflight, runs/163m-fineweb-edu ({'compiled, ' if train['compile'] else ''}"
+rows.append((f"preflight, runs/163m-fineweb-edu ({'compiled' if train.get('compile') else 'uncompiled'}, "
              f"minibatch {train['minibatch_size']}), 1 process",
              "<br>".join(preflight) + f"; {outcome('preflight')}" if preflight else outcome("preflight")))
 

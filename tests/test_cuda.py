@@ -359,9 +359,10 @@ def test_scripts_on_a_cuda_trained_checkpoint(fp16_run, tmp_path, datasets_dir):
 
 
 def test_preflight_on_cuda(tmp_path, datasets_dir):
-    """The preflight as a user runs it before a long GPU run: the device's default
-    precision, compiled; it trains a few steps and writes nothing into the run."""
-    run_dir = make_run(tmp_path / "run", RUN_MODEL, {**TRAIN, "dtype": None, "compile": True})
+    """The preflight as a user runs it before a long GPU run, in the device's default
+    precision; it trains a few steps and writes nothing into the run. (Uncompiled: the
+    compiled 1-GPU run is test_bf16_compiled_run_resumed_equals_the_uninterrupted_run's.)"""
+    run_dir = make_run(tmp_path / "run", RUN_MODEL, {**TRAIN, "dtype": None})
     before = sorted(path.name for path in run_dir.iterdir())
     result = run_on_cuda(run_dir, datasets_dir, "--preflight", deterministic=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
