@@ -211,8 +211,9 @@ def main(batch, repeats, dtype_name, device_name, use_compile, peers, precisions
             add(f"transformers ({step_dtype}{compiled})", "transformers", peer_model,
                 transformers_loss, peer_optimizer, step_dtype)
         if "bf16" in precisions and "bf16" not in peer_dtypes:
-            print("bf16 rows skipped: no native bf16 on this CPU (no AVX512-BF16 or AMX), "
-                  "where bf16 only emulated is slower than fp32")
+            print(f"bf16 rows skipped: no native bf16 on {name}"
+                  + (" (no AVX512-BF16 or AMX), where emulated bf16 is slower than fp32"
+                     if device.type == "cpu" else ""))
 
     step_dtypes = list(dict.fromkeys(step_dtype for _, _, step_dtype in candidates.values()))
     peaks = {step_dtype: peak_flops(device, step_dtype) for step_dtype in step_dtypes}
