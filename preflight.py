@@ -233,12 +233,15 @@ def find_max_microbatch_size(training, train_step) -> None:
         say(ranks, f"budget per rank: {format_bytes(budget.budget)} of RSS growth ({CPU_MEMORY_SHARE:.0%} of "
                    f"the memory available, shared by {budget.ranks_on_node} rank(s) per node)")
 
+    out_of_memory_before = False
+
     def fits(size: int) -> bool:
-        nonlocal training
+        nonlocal training, out_of_memory_before
+        if out_of_memory_before:  # rebuilt here, not after the failure: the last trial needs none
+            training = rebuilt(training)
         outcomes = gather_from_all(try_size(training, train_step, size, budget), ranks)
         say(ranks, describe_trial(size, outcomes, budget))
-        if any(outcome["out_of_memory"] for outcome in outcomes):
-            training = rebuilt(training)
+        out_of_memory_before = any(outcome["out_of_memory"] for outcome in outcomes)
         return all(outcome["fits"] for outcome in outcomes)
 
     largest_fit, smallest_misfit, size = 0, None, 1
