@@ -2,6 +2,7 @@
 
     torchrun --nnodes=1 --nproc_per_node=N ddp_train.py RUN DATASETS_DIR [CHECKPOINT]
     uv run python ddp_train.py RUN DATASETS_DIR [CHECKPOINT]      # one process
+    ... ddp_train.py RUN DATASETS_DIR [CHECKPOINT] --preflight | -f  # measure first; writes nothing
 
 RUN is a directory under runs/ (or a path to one) holding model.json and train.json.
 DATASETS_DIR is where the dataset named in train.json is downloaded to, or found.
@@ -47,15 +48,34 @@ LAUNCHER_PID = os.getppid()
 @click.argument("checkpoint", required=False)
 @click.option("--device", "device_name", type=click.Choice(["cuda", "mps", "cpu"]), default=None,
               help="Where to train (default: cuda if available, else mps, else cpu).")
-def main(run, datasets_dir, checkpoint, device_name):
+@click.option("--preflight", "preflight_run", is_flag=True,
+              help="Build the run as training would, train a few global steps on its data and print per rank "
+                   "tokens/s, MFU and peak memory, and how long the whole run will take; writes nothing.")
+@click.option("--preflight-steps", type=click.IntRange(min=1), default=None,
+              help="Timed global steps of --preflight, after 2 warm-up steps (default 5).")
+@click.option("--deadline", "deadline_hours", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --preflight: also print the tokens/s the run needs to end within this many hours.")
+@click.option("-f", "--find-max-microbatch-size", "find_microbatch", is_flag=True,
+              help="Search for the largest minibatch_size whose training step fits in memory, and print the "
+                   "gradient_accumulation_steps that keeps the global batch; writes nothing.")
+def main(run, datasets_dir, checkpoint, device_name, preflight_run, preflight_steps, deadline_hours,
+         find_microbatch):
     """Train the model of runs/RUN on the dataset in its train.json (see the README).
 
     CHECKPOINT resumes: latest, best, a checkpoint's directory name, or auto (the newest
     checkpoint if there is one, else a fresh start)."""
+    if preflight_run and find_microbatch:
+        raise click.UsageError("--preflight and -f/--find-max-microbatch-size are separate runs: choose one")
+    if not preflight_run and (preflight_steps is not None or deadline_hours is not None):
+        raise click.UsageError("--preflight-steps and --deadline go with --preflight")
     ranks = read_ranks()
     die_with_launcher(ranks, LAUNCHER_PID)
     try:
-        train(run, datasets_dir, checkpoint, device_name, ranks)
+        if preflight_run or find_microbatch:
+            check_before_training(run, datasets_dir, checkpoint, device_name, ranks, find_microbatch,
+                                  preflight_steps or preflight.TIMED_STEPS, deadline_hours)
+        else:
+            train(run, datasets_dir, checkpoint, device_name, ranks)
     except click.ClickException as error:
         # torchrun's failure summary then names our line as the root cause.
         report_to_launcher(error.format_message())
@@ -64,7 +84,7 @@ def main(run, datasets_dir, checkpoint, device_name):
             raise SystemExit(error.exit_code) from None
         raise
     except KeyboardInterrupt:
-        if ranks.local_rank == 0:
+        if ranks.local_rank == 0 and not (preflight_run or find_microbatch):
             print(f"\ninterrupted: resume from the newest checkpoint with\n"
                   f"  {relaunch_command(['ddp_train.py', run, str(datasets_dir), 'auto'] + (['--device', device_name] if device_name else []))}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -85,6 +105,7 @@ import torch  # noqa: E402
 
 import checkpointing  # noqa: E402
 import devices  # noqa: E402
+import preflight  # noqa: E402
 from chart import CHART_FILE, draw_loss_chart  # noqa: E402
 from config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
 from gpt import GPTModel  # noqa: E402
@@ -197,7 +218,8 @@ class Training:
         return self.run_dir / "checkpoints"
 
 
-def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) -> Training:
+def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, read_only=False) -> Training:
+    # read_only (--preflight, -f): nothing written into the run directory, no lock, no clean-up.
     # Everything a user can get wrong is checked before anything is written.
     run_dir = find_run_dir(run)
     model_config = load_model_config(run_dir / "model.json")
@@ -235,7 +257,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     checked_batches = min(len(train_batches), STARTUP_CHECKED_BATCHES)
     main_rank_first(lambda: read_first_batches(train_batches, val_batches, checked_batches), ranks, DatasetError)
     # The run directory's first write, once every input has been checked: its lock.
-    run_lock = main_rank_first(lambda: checkpointing.lock_run(run_dir), ranks, checkpointing.CheckpointError)
+    run_lock = None if read_only else main_rank_first(lambda: checkpointing.lock_run(run_dir), ranks,
+                                                      checkpointing.CheckpointError)
 
     # Same initial weights on every rank (DDP broadcasts rank 0's anyway), then each
     # rank its own stream for dropout.
@@ -262,7 +285,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks) 
     training.metrics = start_metrics_log(training)
 
     if ranks.is_main:
-        checkpointing.remove_leftovers(training.checkpoints_dir)
+        if not read_only:
+            checkpointing.remove_leftovers(training.checkpoints_dir)
         for warning in checkpointing.link_warnings(training.checkpoints_dir):
             print(warning)
         parameters = sum(p.numel() for p in model.parameters())
@@ -333,6 +357,17 @@ def resume(training: Training, checkpoint: checkpointing.Checkpoint) -> None:
         if ranks.is_main:
             print(f"note: {checkpoint.name} holds no random-number generator states for "
                   f"{ranks.world_size} rank(s); training goes on with freshly seeded ones")
+
+
+def check_before_training(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks,
+                          find_microbatch: bool, preflight_steps: int, deadline_hours: float | None):
+    """--preflight and -f (see preflight.py): the run as training builds it, its directory untouched."""
+    training = set_up(run, datasets_dir, checkpoint_name, device_name, ranks, read_only=True)
+    if find_microbatch:
+        preflight.find_max_microbatch_size(training, train_step)
+    else:
+        preflight.measure_run(training, train_step, timed_steps=preflight_steps, deadline_hours=deadline_hours)
+    finish_process_group(ranks)
 
 
 # --- the training loop ---
