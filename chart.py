@@ -26,7 +26,6 @@ from typing import NamedTuple
 import click
 
 import safe_files
-from metrics_log import METRICS_FILE, read_metrics
 
 CHART_FILE = "big-training-run-chart.png"
 METRICS_CHART_FILE = "training-metrics-chart.png"
@@ -509,6 +508,8 @@ def redraw_charts(run_dir, history, best_step, grad_clip=None) -> Redrawn:
     ddp_train.py calls this on global rank 0 at every checkpoint, while the other ranks
     wait at the next collective: it reads the whole log each time, which for 10,000 rows
     is a small part of the drawing (docs/performance.md has the seconds)."""
+    from metrics_log import METRICS_FILE, read_metrics  # here: it imports torch, which --help must not wait for
+
     run_dir = Path(run_dir)
     files = []
     if history:
@@ -545,6 +546,8 @@ def run_grad_clip(run_dir):
 def main(run_dir):
     """Redraw RUN_DIR's charts: big-training-run-chart.png from RUN_DIR/checkpoints and,
     when RUN_DIR/metrics.jsonl exists, training-metrics-chart.png from it."""
+    from metrics_log import METRICS_FILE
+
     try:
         grad_clip = run_grad_clip(run_dir)
     except click.ClickException as error:

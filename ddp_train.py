@@ -106,10 +106,10 @@ import torch  # noqa: E402
 import checkpointing  # noqa: E402
 import devices  # noqa: E402
 import preflight  # noqa: E402
-from chart import CHART_FILE, draw_loss_chart  # noqa: E402
+from chart import bad_lines_warning, redraw_charts  # noqa: E402
 from config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
 from gpt import GPTModel  # noqa: E402
-from metrics_log import MetricsError, MetricsLog, check_loggers_installed  # noqa: E402
+from metrics_log import METRICS_FILE, MetricsError, MetricsLog, check_loggers_installed  # noqa: E402
 from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at,  # noqa: E402
                        load_optimizer_state, set_learning_rate)
 from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
@@ -282,7 +282,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
         scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"), run_lock=run_lock)
     if resume_from is not None:
         resume(training, resume_from)
-    training.metrics = start_metrics_log(training)
+    if not read_only:
+        training.metrics = start_metrics_log(training)
 
     if ranks.is_main:
         if not read_only:
@@ -473,7 +474,8 @@ def validation_loss(training: Training) -> float:
 def validate_and_checkpoint(training: Training, progress: TrainingProgress, step: int,
                             learning_rate: float, grad_norm) -> None:
     """Every rank: the validation loss and the mean training loss since the last
-    checkpoint; global rank 0 then writes a checkpoint and redraws the loss chart."""
+    checkpoint; global rank 0 then writes a checkpoint and the validation row, and redraws
+    the charts."""
     ranks, config, model = training.ranks, training.config, training.model
     progress.write_metrics()   # before validating, so that their tokens/s is training's alone
     val_loss = validation_loss(training)
@@ -505,10 +507,14 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
             training.checkpoints_dir, model_state=model_state, optimizer_state=optimizer_state,
             scaler_state=training.scaler.state_dict(), rng_state=rng_state, meta=meta,
             keep=config.keep_checkpoints, model_config=training.model_config)
-        best_step = max((point["global_step"] for point in training.history if point["is_best"]), default=None)
-        draw_loss_chart(training.history, best_step, training.run_dir / CHART_FILE)
         saved_name = saved.name
     progress.checkpoint_written(step, train_loss, val_loss, is_best, saved_name)
+    if ranks.is_main:   # after the validation row, which the metrics chart shows
+        best_step = max((point["global_step"] for point in training.history if point["is_best"]), default=None)
+        redrawn = redraw_charts(training.run_dir, training.history, best_step, config.grad_clip)
+        if redrawn.bad_metrics_lines:
+            progress.write(bad_lines_warning(training.run_dir / METRICS_FILE, redrawn.bad_metrics_lines))
+    progress.training_resumes(step)
 
 
 if __name__ == "__main__":

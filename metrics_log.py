@@ -217,7 +217,10 @@ class MetricsLog:
         safe_files.flush_to_disk(self.file)
         if self.tensorboard is not None:
             self.tensorboard.flush()
-        # The next rows' speed counts from here, not from before validating and saving.
+
+    def training_resumes(self, step: int) -> None:
+        """The next rows' speed counts from here, not from before validating, saving and
+        drawing the charts at checkpoint `step`."""
         self.window = (time.monotonic(), step)
 
     def write(self, row: dict) -> None:

@@ -108,6 +108,13 @@ class TrainingProgress:
             self.bar.write(f"step {step:,}: train loss {train_loss:.4f}, validation loss "
                            f"{val_loss:.4f}{' (best)' if is_best else ''} -> {name}")
 
+    def training_resumes(self, step: int) -> None:
+        """After checkpoint `step`: the next tokens/s (bar and metrics) leave out the time
+        spent validating, saving and drawing."""
+        if self.metrics is not None:
+            self.metrics.training_resumes(step)
+        self.shown.update(time=time.monotonic(), step=step + 1)
+
     def write(self, line: str) -> None:
         """A line above the bar (rank 0 only)."""
         if self.ranks.is_main:
