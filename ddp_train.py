@@ -16,7 +16,8 @@ What one global step is. Rank r of W ranks, in micro-step m of A
 A = 1 that is the original scripts' step * W + r. Gradients are averaged over all
 W * A micro-batches before AdamW steps once. Every validation_interval steps, and
 at the last one, all ranks compute the validation loss together and global rank 0
-writes a checkpoint (see checkpointing.py) and redraws the loss chart.
+writes a checkpoint (see checkpointing.py), its row in metrics.jsonl, and redraws the
+charts (see chart.py).
 
 Devices: CUDA with NCCL (one process per GPU, LOCAL_RANK picks it), CPU with gloo
 (any number of processes), Apple MPS in one process.
