@@ -3,7 +3,9 @@ weights to lm-eval through a transformers export, and the scores as metrics.json
 
 Two users:
 - test_benchmarks.py scores a checkpoint on disk and prints a table;
-- (next) ddp_train.py, scoring the weights of its checkpoints.
+- ddp_train.py, when train.json names `benchmark_tasks`, scores the weights it has just
+  checkpointed, on global rank 0, every `benchmark_interval` steps (InTrainingBenchmarks),
+  and logs a "benchmark" row.
 
 lm-eval takes seconds to import (transformers with it), so it is imported inside the
 functions that need it: a script's --help, and a training run without benchmarks, never
@@ -12,7 +14,10 @@ scores (task_scores, main_metric) without it.
 """
 
 import contextlib
+import io
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -207,10 +212,189 @@ def evaluate(lm, tasks, task_manager, *, limit, num_fewshot, batch_size, device)
     )
 
 
-# --- the report ---
+@contextlib.contextmanager
+def kept_random_states(device):
+    """Every random-number generator as it was before: simple_evaluate seeds Python's,
+    numpy's and torch's (CPU and every GPU), and training's dropout masks must not
+    notice that benchmarks ran."""
+    import random
+
+    import numpy
+    import torch
+
+    python_state, numpy_state, cpu_state = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        numpy.random.set_state(numpy_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
+
+
+# --- the scores as metrics.jsonl keys, and read back ---
 
 def formatted(value):
     if isinstance(value, float):
         # Accuracies to 4 decimals; a perplexity can run to 10^17 (six digits say enough).
         return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.6g}"
     return "" if value is None else str(value)
+
+
+def score_columns(results):
+    """Every finite score of lm-eval's results as a flat key: TASK/METRIC (a standard
+    error is METRIC_stderr, as lm-eval names it), with /FILTER appended for a filter
+    other than lm-eval's `none`. Groups count as tasks."""
+    columns = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, comma, filter_name = key.partition(",")
+            # Keys without a filter (alias, sample_len) are no scores; "N/A" stderrs are no numbers.
+            if not comma or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                continue
+            columns[f"{task}/{metric}" + ("" if filter_name == "none" else f"/{filter_name}")] = value
+    return columns
+
+
+def headline_tasks(loaded, columns):
+    """The names a summary line and the chart show: each task, group or tag's task asked
+    for, or, for a group that reports no score of its own, its tasks."""
+    from lm_eval.api.group import Group
+
+    names = []
+    for item in loaded:
+        name = item_name(item)
+        if any(key.startswith(f"{name}/") for key in columns) or not isinstance(item, Group):
+            names.append(name)
+        else:
+            names += [task.task_name for task in item.get_all_tasks()]
+    return list(dict.fromkeys(names))
+
+
+def task_scores(row, task):
+    """{metric: (value, standard error or None)} of one task in a benchmark row."""
+    prefix = f"{task}/"
+    values = {key[len(prefix):]: value for key, value in row.items() if key.startswith(prefix)}
+    scores = {}
+    for metric, value in values.items():
+        name, slash, filter_name = metric.partition("/")
+        if name.endswith("_stderr"):
+            continue
+        scores[metric] = (value, values.get(f"{name}_stderr{slash}{filter_name}"))
+    return scores
+
+
+def main_metric(metrics):
+    """The one score to show of a task: acc_norm where there is one (what HellaSwag and
+    ARC results quote), else acc, else the first."""
+    for wanted in ("acc_norm", "acc"):
+        if wanted in metrics:
+            return wanted
+    return next(iter(metrics), None)
+
+
+def benchmark_row(step, checkpoint_name, tasks, columns, limit, seconds):
+    return {"kind": "benchmark", "step": step, "checkpoint": checkpoint_name, "tasks": tasks,
+            "limit": limit, "seconds": round(seconds, 3), **columns}
+
+
+def summary_line(row):
+    """The line training prints: each headline task's main score."""
+    shown = []
+    for task in row["tasks"]:
+        scores = task_scores(row, task)
+        metric = main_metric(scores)
+        if metric is not None:
+            value, stderr = scores[metric]
+            shown.append(f"{task} {metric} {formatted(float(value))}"
+                         + (f" ± {formatted(float(stderr))}" if stderr is not None else ""))
+    return (f"step {row['step']:,}: benchmarks {', '.join(shown) or 'gave no scores'} "
+            f"(first {row['limit']:,} examples of each task; {row['seconds']:.1f} s)")
+
+
+# --- during training ---
+
+class InTrainingBenchmarks:
+    """train.json's benchmark_tasks, scored on the weights of checkpoints.
+
+    At start-up global rank 0 finds and loads the tasks (`load`), datasets included,
+    before anything is written into the run directory: a mistake there is one line, not
+    a failure hours into training. At a benchmark checkpoint (`due`) rank 0 scores the
+    full state dict just gathered for the checkpoint (`score`), while the other ranks
+    wait for it (ddp_train.py: parallel.main_rank_alone).
+    """
+
+    def __init__(self, config, run_dir: Path, model_config: dict, device, dtype_name: str):
+        self.names = list(config.benchmark_tasks)
+        self.interval, self.limit = config.benchmark_interval, config.benchmark_limit
+        # What fits in a training step (with its backward) fits in a forward pass.
+        self.batch_size = config.minibatch_size
+        self.include_path = config.benchmark_include_path
+        self.run_dir, self.model_config = Path(run_dir), model_config
+        self.device, self.dtype_name = device, dtype_name
+        self.task_manager = self.tasks = None   # global rank 0, once loaded
+
+    def load(self) -> None:
+        """Global rank 0: find and load the tasks, or raise BenchmarkError naming
+        train.json's key."""
+        import hf_gpt2
+        import tokenizer
+
+        train_json = self.run_dir / "train.json"
+        option = f"{train_json}: key 'benchmark_tasks'"
+        if not hf_gpt2.has_gpt2_tokenizer(self.model_config):
+            raise BenchmarkError(
+                f"{option} is set, but {self.run_dir / 'model.json'} has vocab_size "
+                f"{self.model_config['vocab_size']}, smaller than GPT-2's {tokenizer.VOCAB_SIZE}: "
+                "lm-eval's tasks are text, read with GPT-2's tokenizer")
+        include_dirs = []
+        if self.include_path is not None:
+            # Relative to the run directory, as init_from.
+            directory = self.run_dir / Path(self.include_path).expanduser()
+            include_dirs.append(checked_include_dir(
+                directory, f"{train_json}: key 'benchmark_include_path' \"{self.include_path}\" ({directory})"))
+        self.task_manager = lm_eval_task_manager(self.names, include_dirs)
+        selected = select_tasks(self.task_manager, self.names, include_dirs, option=option)
+        self.tasks = load_tasks(self.task_manager, selected, context=f"{option}: ")
+        refuse_what_cannot_run_here(self.tasks, option=option, context=f"{option}: ")
+
+    def due(self, step: int, last_step: bool) -> bool:
+        return step % self.interval == 0 or last_step
+
+    def score(self, step: int, checkpoint_name: str, model_state: dict, metrics, say) -> None:
+        """Global rank 0: score model_state (only read), write the benchmark row with
+        metrics (a MetricsLog) and say (print) one line. Nothing of training changes:
+        the generators' states are put back, and the scoring model is a copy of its own.
+        A failure (out of memory, say) is a warning; training goes on."""
+        import torch
+
+        started = time.monotonic()
+        # lm-eval's and transformers' progress bars and notes would tear through the
+        # training's progress bar: kept out of sight.
+        hidden = io.StringIO()
+        try:
+            with kept_random_states(self.device), contextlib.redirect_stdout(hidden), \
+                    contextlib.redirect_stderr(hidden):
+                lm = load_exported_model(self.model_config, model_state, self.device, self.dtype_name,
+                                         self.batch_size)
+                results = evaluate(lm, self.tasks, self.task_manager, limit=self.limit, num_fewshot=None,
+                                   batch_size=self.batch_size, device=self.device)
+        except Exception as error:  # whatever failed, training goes on without these scores
+            say(f"warning: benchmarks at step {step:,} failed after {time.monotonic() - started:.1f} s "
+                f"({first_line(error)}); training goes on")
+            return
+        finally:
+            lm = None  # the scoring model's memory, back for training
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        columns = score_columns(results)
+        row = benchmark_row(step, checkpoint_name, headline_tasks(self.tasks, columns), columns,
+                            self.limit, time.monotonic() - started)
+        metrics.write_now(row)
+        say(summary_line(row))
