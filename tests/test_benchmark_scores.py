@@ -197,6 +197,57 @@ def test_benchmark_rows_through_the_log_rewind_rebuild_and_tensorboard(tmp_path)
         (2, pytest.approx(0.4))]
 
 
+def test_a_failed_scoring_is_a_warning_and_puts_the_generators_back(monkeypatch, tmp_path):
+    import random
+
+    import numpy
+
+    import benchmark_scores
+
+    def out_of_memory(*arguments):
+        torch.manual_seed(1234)   # as simple_evaluate seeds, then fails
+        random.seed(0)
+        numpy.random.seed(1234)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(benchmark_scores, "load_exported_model", out_of_memory)
+    config = TrainConfig(dataset="toy", min_train_tokens=1, start_train_token=0, start_val_token=0,
+                         minibatch_size=2, validation_interval=2, validation_batches=1,
+                         benchmark_tasks=("tiny_choice",), benchmark_interval=4)
+    benchmarks = benchmark_scores.InTrainingBenchmarks(config, tmp_path, MODEL, torch.device("cpu"), "fp32")
+    assert [benchmarks.due(step, last_step=step == 5) for step in range(6)] == [True, False, False, False, True, True]
+
+    def seed():
+        torch.manual_seed(7)
+        random.seed(5)
+        numpy.random.seed(5)
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), numpy.random.random()
+
+    said = []
+    with benchmark_scores.kept_random_states(torch.device("cpu")):   # this process's, for the tests after
+        seed()
+        expected = draws()
+        seed()
+        benchmarks.score(4, "NAME", {}, metrics=None, say=said.append)
+        assert draws() == expected
+    [line] = said
+    assert line.startswith("warning: benchmarks at step 4 failed after ") and line.endswith(
+        " s (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB); training goes on")
+
+
+def test_importing_benchmark_scores_imports_nothing_heavy():
+    # chart.py imports it to read the rows, ddp_train.py with or without benchmarks.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import benchmark_scores"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "benchmark_scores" in imported
+    assert not imported & {"torch", "numpy", "lm_eval", "transformers", "datasets", "matplotlib"}
+
+
 def test_reading_scores_back():
     row = {"kind": "benchmark", "step": 3, "tasks": ["gsm8k", "hellaswag"], "hellaswag/acc": 0.3,
            "hellaswag/acc_stderr": 0.02, "hellaswag/acc_norm": 0.31, "hellaswag_other/acc": 0.9,
