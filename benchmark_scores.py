@@ -214,16 +214,17 @@ def evaluate(lm, tasks, task_manager, *, limit, num_fewshot, batch_size, device)
 
 @contextlib.contextmanager
 def kept_random_states(device):
-    """Every random-number generator as it was before: simple_evaluate seeds Python's,
-    numpy's and torch's (CPU and every GPU), and training's dropout masks must not
-    notice that benchmarks ran."""
+    """Every random-number generator training uses as it was before: simple_evaluate
+    seeds Python's, numpy's and torch's (on the CPU and the device), and training's
+    dropout masks must not notice that benchmarks ran. (Of the GPUs, only the training
+    device's generator is kept: the others' are no part of this process's training.)"""
     import random
 
     import numpy
     import torch
 
     python_state, numpy_state, cpu_state = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
     try:
         yield
@@ -231,8 +232,8 @@ def kept_random_states(device):
         random.setstate(python_state)
         numpy.random.set_state(numpy_state)
         torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
         if mps_state is not None:
             torch.mps.set_rng_state(mps_state)
 

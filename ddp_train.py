@@ -117,8 +117,8 @@ from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at, 
                        load_optimizer_state, set_learning_rate)
 from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
                       finish_process_group, first_on_each_node, full_model_state, lost_a_peer,
-                      main_rank_alone, main_rank_first, read_ranks, report_to_launcher, restore_rng_states, rng_states,
-                      start_process_group, wrap_model)
+                      main_rank_alone, main_rank_first, read_ranks, report_to_launcher,
+                      restore_rng_states, rng_states, start_process_group, wrap_model)
 from safe_files import first_line  # noqa: E402
 from token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir  # noqa: E402
 from training_progress import TrainingProgress  # noqa: E402

@@ -26,8 +26,8 @@ from config import TrainConfig
 from metrics_log import METRICS_FILE, MetricsLog
 from parallel import Ranks
 
-from helpers import (PROJECT_ROOT, copy_run_up_to, final_weights, make_run, metrics_rows,
-                     run_training)
+from helpers import (PROJECT_ROOT, copy_run_up_to, environment, final_weights, make_run, metrics_rows,
+                     run_training, torchrun_command)
 
 TASKS_DIR = PROJECT_ROOT / "tests" / "data" / "lm_eval_tasks"
 # GPT-2's vocabulary (the tasks are text), everything else tiny; dropout, so that a
@@ -56,21 +56,44 @@ def offline(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory, datasets_dir, offline):
-    run_dir = tmp_path_factory.mktemp("bench") / "run"
-    make_run(run_dir, MODEL, {**TRAIN, **benchmark_keys(run_dir)})
-    result = run_training(run_dir, datasets_dir, env=offline)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
+def runs(tmp_path_factory, datasets_dir, offline):
+    """The run with benchmarks and the same run without them (its every process logging
+    its imports: -X importtime), both at once: while rank 0 of the first scores, its
+    other rank waits, and the second run has that core."""
+    bench_dir = tmp_path_factory.mktemp("bench") / "run"
+    make_run(bench_dir, MODEL, {**TRAIN, **benchmark_keys(bench_dir)})
+    plain_dir = make_run(tmp_path_factory.mktemp("plain") / "run", MODEL, TRAIN)
+    started = []
+    for run_dir, env in ((bench_dir, offline), (plain_dir, {"PYTHONPROFILEIMPORTTIME": "1"})):
+        # Output to files: a full pipe would stop a run until the other one ends.
+        with open(run_dir.parent / "stdout", "w") as stdout, open(run_dir.parent / "stderr", "w") as stderr:
+            started.append(subprocess.Popen(torchrun_command(["--standalone", "--nproc_per_node=2"], run_dir,
+                                                             datasets_dir),
+                                            stdout=stdout, stderr=stderr, env=environment(env), cwd=PROJECT_ROOT))
+    try:
+        for process in started:
+            process.wait(timeout=300)
+    finally:
+        for process in started:
+            if process.poll() is None:   # a run that hung: not left behind
+                process.kill()
+                process.wait()
+    results = []
+    for process, run_dir in zip(started, (bench_dir, plain_dir)):
+        stdout, stderr = ((run_dir.parent / name).read_text() for name in ("stdout", "stderr"))
+        assert process.returncode == 0, stderr[-3000:]
+        results.append((run_dir, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)))
+    return results
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory, datasets_dir):
-    """The same run without benchmark keys, every process logging its imports (-X importtime)."""
-    run_dir = make_run(tmp_path_factory.mktemp("plain") / "run", MODEL, TRAIN)
-    result = run_training(run_dir, datasets_dir, env={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
+def bench_run(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def plain_run(runs):
+    return runs[1]
 
 
 def benchmark_rows(run_dir):
