@@ -306,6 +306,90 @@ def _peak_memory(train_rows) -> str:
     return ""
 
 
+def benchmark_series(benchmark_rows):
+    """What the benchmark panel draws: for each task the rows name (`tasks`; in a row
+    without it, every TASK/ prefix of its keys), its main score (benchmark_scores.main_metric)
+    over the rows, as (task, metric, steps, values, standard errors), NaN where a row
+    lacks it."""
+    import numpy as np
+
+    # Imported here: chart.py's command line answers --help before anything but click.
+    from benchmark_scores import main_metric, task_scores
+
+    tasks = []
+    for row in benchmark_rows:
+        named = row.get("tasks")
+        if isinstance(named, list):
+            tasks += [task for task in named if isinstance(task, str)]
+        else:
+            tasks += [key.split("/", 1)[0] for key in row if "/" in key]
+    series = []
+    for task in dict.fromkeys(tasks):
+        scores = [task_scores(row, task) for row in benchmark_rows]
+        metric = main_metric(list(dict.fromkeys(metric for score in scores for metric in score)))
+        if metric is None:
+            continue
+        pairs = [score.get(metric, (None, None)) for score in scores]
+        series.append((task, metric, np.array([row["step"] for row in benchmark_rows], dtype=float),
+                       np.array([_number(value) for value, _ in pairs]),
+                       np.array([_number(stderr) for _, stderr in pairs])))
+    return series
+
+
+def _draw_benchmark_panel(axes, benchmark_rows):
+    """Each task's main score against step: scores between 0 and 1 (accuracies) on the
+    left axis in percent, with a band of one standard error; any others (a perplexity)
+    dashed, on a log-scale right axis."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    series = benchmark_series(benchmark_rows)
+    shares = [entry for entry in series if np.nanmin(entry[3], initial=np.inf) >= 0
+              and np.nanmax(entry[3], initial=-np.inf) <= 1]
+    others = [entry for entry in series if entry not in shares]
+    marker = {"marker": "o", "markersize": 4}
+    # The legend goes in rows across the top, over headroom left for it above the lines.
+    columns = min(len(series), 4) or 1
+    headroom = 1 + 0.3 * math.ceil(len(series) / columns)
+    handles = []
+    for task, metric, steps, values, errors in shares:
+        (line,) = axes.plot(steps, values, label=f"{task} ({metric})", **marker)
+        handles.append(line)
+        if not np.isnan(errors).all():
+            axes.fill_between(steps, values - errors, values + errors, color=line.get_color(),
+                              alpha=0.15, linewidth=0, path_effects=[])
+    if shares:
+        low = min(np.nanmin(values - np.nan_to_num(errors)) for *_, values, errors in shares)
+        high = max(np.nanmax(values + np.nan_to_num(errors)) for *_, values, errors in shares)
+        pad = max(0.02, 0.1 * (high - low))
+        bottom, top = max(0.0, low - pad), high + pad
+        axes.set_ylim(bottom, min(1.0, bottom + (top - bottom) * headroom))
+        axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    if others:
+        right = axes.twinx()
+        for task, metric, steps, values, _ in others:
+            (line,) = right.plot(steps, values, linestyle="--", color=f"C{len(handles) % 10}",
+                                 label=f"{task} ({metric}, right)", **marker)
+            handles.append(line)
+        if all(np.nanmin(values, initial=np.inf) > 0 for *_, values, _ in others):
+            right.set_yscale("log")
+        low, high = right.get_ylim()
+        if right.get_yscale() == "log":
+            right.set_ylim(low, low * (high / low) ** headroom)
+        else:
+            right.set_ylim(low, low + (high - low) * headroom)
+        right.set_ylabel(", ".join(dict.fromkeys(metric for _, metric, *_ in others)))
+    if handles:
+        axes.legend(handles=handles, loc="upper left", fontsize="small", ncol=columns)
+    else:
+        _say_nothing_logged(axes, "no benchmark scores logged")
+    axes.set_ylabel("score")
+    limit = benchmark_rows[-1].get("limit")
+    examples = f"first {limit:,} examples of each task" if isinstance(limit, int) else "every example"
+    axes.set_title(f"benchmarks (lm-eval, {examples}; shaded: ± one standard error)", fontsize="medium")
+
+
 def draw_metrics_chart(rows, png_path, grad_clip=None):
     """Plot metrics.jsonl's rows (as metrics_log.read_metrics returns them) to png_path,
     atomically; returns the matplotlib Figure.
@@ -313,7 +397,8 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
     Four panels over global step: training loss with the validation points (best one
     starred); learning rate; gradient norm, with grad_clip (None: no clipping, no line)
     as a dashed line and the share of clipped steps as bars on a right-hand axis; tokens/s
-    with MFU on a right-hand axis. A key no row carries leaves its panel saying so.
+    with MFU on a right-hand axis. A key no row carries leaves its panel saying so. When
+    there are benchmark rows, a fifth panel under the loss shows each task's main score.
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -323,12 +408,13 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
 
     train_rows = latest_rows(rows, "train")
     validation_rows = latest_rows(rows, "validation")
+    benchmark_rows = latest_rows(rows, "benchmark")
     steps = _column(train_rows, "step")
     covered = steps_covered(steps)
     typical_covered = float(np.median(covered)) if len(covered) else 1.0
     window = int(len(train_rows) * SMOOTHING_SHARE) // 2 * 2 + 1  # odd: centred
     window = window if window >= 5 else 1
-    all_steps = [row["step"] for row in train_rows + validation_rows]
+    all_steps = [row["step"] for row in train_rows + validation_rows + benchmark_rows]
     low = min(steps[0] - covered[0] + 1, *all_steps) if len(steps) else min(all_steps, default=0)
     high = max(all_steps, default=0)
     margin = max(0.5, (high - low) * 0.01)
@@ -336,10 +422,15 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
     general = FuncFormatter(lambda value, _: f"{value:g}")
 
     with chart_style():
-        figure = Figure(figsize=(12, 10))
+        heights = [3, 2, 3, 2.5]
+        if benchmark_rows:   # a panel of scores under the loss: both say whether it learns
+            heights.insert(1, 2.5)
+        figure = Figure(figsize=(12, 10 + (2.5 if benchmark_rows else 0)))
         FigureCanvasAgg(figure)
-        loss_axes, lr_axes, norm_axes, speed_axes = figure.subplots(
-            4, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 3, 2.5]})
+        panels = list(figure.subplots(len(heights), 1, sharex=True, gridspec_kw={"height_ratios": heights}))
+        if benchmark_rows:
+            _draw_benchmark_panel(panels[1], benchmark_rows)
+        loss_axes, lr_axes, norm_axes, speed_axes = panels[:1] + panels[-3:]
 
         # Loss: the training rows' loss, faint when long, under the validation points.
         loss = _column(train_rows, "loss")
@@ -469,7 +560,7 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
         speed_axes.xaxis.set_major_formatter(thousands)
         speed_axes.set_xlim(low - margin, high + margin)
         speed_axes.set_xlabel("global step")
-        for axes in (loss_axes, lr_axes, norm_axes, speed_axes):
+        for axes in panels:
             # xkcd mode gives grid lines no width but a white halo, which would cut stripes
             # through the bars: no halo.
             axes.grid(alpha=0.3, path_effects=[])

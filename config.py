@@ -77,6 +77,21 @@ def _text(path, key, value):
     return value
 
 
+def _task_names(path, key, value):
+    """A list of lm-eval task names, one a string, each once."""
+    if not isinstance(value, list) or not all(isinstance(name, str) and name.strip() for name in value):
+        _fail(path, key, value, "a list of lm-eval task names (strings)")
+    names = [name.strip() for name in value]
+    for name in names:
+        if "," in name:
+            # test_benchmarks.py's --tasks takes "a,b"; here each name is an entry of its own.
+            _fail(path, key, value, f"one task name per entry (split {json.dumps(name)} into several)")
+    repeated = [name for index, name in enumerate(names) if name in names[:index]]
+    if repeated:
+        _fail(path, key, value, f"a list that names each task once ({json.dumps(repeated[0])} is there twice)")
+    return tuple(names)
+
+
 def _check_keys(path, data, required, optional=()):
     missing = [key for key in required if key not in data]
     if missing:
@@ -147,6 +162,11 @@ class TrainConfig:
     log_interval: int = 1                  # global steps per training row of metrics.jsonl
     tensorboard: bool = False              # also write metrics as TensorBoard events
     wandb_project: str | None = None       # also log metrics to this Weights & Biases project
+    # lm-eval scores at checkpoints (benchmark_scores.py); no tasks: none, and lm-eval never imported.
+    benchmark_tasks: tuple = ()            # lm-eval task, group or tag names
+    benchmark_interval: int | None = None  # global steps, a multiple of validation_interval (absent: it)
+    benchmark_limit: int = 500             # examples per task: a quick look, not a score to report
+    benchmark_include_path: str | None = None  # a directory of task YAML files (relative: to the run directory)
 
 
 TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val_token",
@@ -187,10 +207,20 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
         "log_interval": lambda v: _int(path, "log_interval", v, minimum=1),
         "tensorboard": lambda v: _bool(path, "tensorboard", v),
         "wandb_project": lambda v: _text(path, "wandb_project", v),
+        "benchmark_tasks": lambda v: _task_names(path, "benchmark_tasks", v),
+        "benchmark_interval": lambda v: _int(path, "benchmark_interval", v, minimum=1),
+        "benchmark_limit": lambda v: _int(path, "benchmark_limit", v, minimum=1),
+        "benchmark_include_path": lambda v: _text(path, "benchmark_include_path", v),
     }
     for key, check in checks.items():
         if data.get(key) is not None:
             values[key] = check(data[key])
+    interval = values.setdefault("benchmark_interval", values["validation_interval"])
+    if interval % values["validation_interval"]:
+        # Benchmarks score the weights a checkpoint has just saved.
+        raise ConfigError(
+            f"{path}: key 'benchmark_interval' must be a multiple of 'validation_interval' "
+            f"({values['validation_interval']}): benchmarks score checkpoints, got {interval}")
     config = TrainConfig(**values)
     if config.min_learning_rate > config.learning_rate:
         raise ConfigError(

@@ -17,7 +17,8 @@ A = 1 that is the original scripts' step * W + r. Gradients are averaged over al
 W * A micro-batches before AdamW steps once. Every validation_interval steps, and
 at the last one, all ranks compute the validation loss together and global rank 0
 writes a checkpoint (see checkpointing.py), its row in metrics.jsonl, and redraws the
-charts (see chart.py).
+charts (see chart.py). With "benchmark_tasks" in train.json, rank 0 also scores some
+checkpoints with lm-eval (see benchmark_scores.py) while the other ranks wait.
 
 Devices: CUDA with NCCL (one process per GPU, LOCAL_RANK picks it), CPU with gloo
 (any number of processes), Apple MPS in one process.
@@ -107,6 +108,7 @@ import torch  # noqa: E402
 import checkpointing  # noqa: E402
 import devices  # noqa: E402
 import preflight  # noqa: E402
+from benchmark_scores import BenchmarkError, InTrainingBenchmarks  # noqa: E402
 from chart import bad_lines_warning, redraw_charts  # noqa: E402
 from config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
 from gpt import GPTModel  # noqa: E402
@@ -115,8 +117,8 @@ from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at, 
                        load_optimizer_state, set_learning_rate)
 from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
                       finish_process_group, first_on_each_node, full_model_state, lost_a_peer,
-                      main_rank_first, read_ranks, report_to_launcher, restore_rng_states, rng_states,
-                      start_process_group, wrap_model)
+                      main_rank_alone, main_rank_first, read_ranks, report_to_launcher,
+                      restore_rng_states, rng_states, start_process_group, wrap_model)
 from safe_files import first_line  # noqa: E402
 from token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir  # noqa: E402
 from training_progress import TrainingProgress  # noqa: E402
@@ -213,6 +215,7 @@ class Training:
     history: list = field(default_factory=list)   # a {global_step, train_loss, val_loss, is_best} per checkpoint
     run_lock: object = None       # global rank 0's hold on the run directory (checkpointing.lock_run)
     metrics: MetricsLog | None = None
+    benchmarks: InTrainingBenchmarks | None = None   # train.json's benchmark_tasks; tasks loaded on rank 0
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -257,6 +260,12 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
     # ...and the first ones now, so that data for another vocabulary stops the run here.
     checked_batches = min(len(train_batches), STARTUP_CHECKED_BATCHES)
     main_rank_first(lambda: read_first_batches(train_batches, val_batches, checked_batches), ranks, DatasetError)
+    # Benchmark tasks: found and loaded (datasets fetched) by global rank 0 now, so that a
+    # mistake in them stops the run before it starts, not at its first benchmark.
+    benchmarks = None
+    if config.benchmark_tasks:
+        benchmarks = InTrainingBenchmarks(config, run_dir, model_config, device, dtype_name)
+        main_rank_first(benchmarks.load, ranks, BenchmarkError)
     # The run directory's first write, once every input has been checked: its lock.
     run_lock = None if read_only else main_rank_first(lambda: checkpointing.lock_run(run_dir), ranks,
                                                       checkpointing.CheckpointError)
@@ -280,7 +289,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
         total_steps=len(train_batches) // micro_batches_per_step,
         tokens_per_step=micro_batches_per_step * config.minibatch_size * context_length,
         model=wrapped, optimizer=build_optimizer(model, config, device),
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"), run_lock=run_lock)
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"), run_lock=run_lock,
+        benchmarks=benchmarks)
     if resume_from is not None:
         resume(training, resume_from)
     if not read_only:
@@ -298,6 +308,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
               f"dataset {dataset_dir}: {training.total_steps:,} global steps of "
               f"{training.tokens_per_step:,} tokens; token ids of the first {checked_batches + len(val_batches):,} "
               f"batches checked against vocab_size {vocab_size:,}"
+              + (f"; lm-eval {', '.join(config.benchmark_tasks)} every {config.benchmark_interval:,} steps "
+                 f"and at the last, {config.benchmark_limit:,} examples each" if benchmarks else "")
               + (f"; resuming from {resume_from.name} at step {training.start_step:,}" if resume_from
                  else "; auto: no checkpoint yet, starting fresh" if checkpoint_name == "auto" else ""))
     return training
@@ -475,8 +487,8 @@ def validation_loss(training: Training) -> float:
 def validate_and_checkpoint(training: Training, progress: TrainingProgress, step: int,
                             learning_rate: float, grad_norm) -> None:
     """Every rank: the validation loss and the mean training loss since the last
-    checkpoint; global rank 0 then writes a checkpoint and the validation row, and redraws
-    the charts."""
+    checkpoint; global rank 0 then writes a checkpoint and the validation row, scores the
+    checkpoint's weights when benchmarks are due, and redraws the charts."""
     ranks, config, model = training.ranks, training.config, training.model
     progress.write_metrics()   # before validating, so that their tokens/s is training's alone
     val_loss = validation_loss(training)
@@ -510,6 +522,9 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
             keep=config.keep_checkpoints, model_config=training.model_config)
         saved_name = saved.name
     progress.checkpoint_written(step, train_loss, val_loss, is_best, saved_name)
+    if training.benchmarks is not None and training.benchmarks.due(step, step == training.total_steps - 1):
+        main_rank_alone(lambda: training.benchmarks.score(step, saved_name, model_state, training.metrics,
+                                                          progress.write), ranks)
     if ranks.is_main:   # after the validation row, which the metrics chart shows
         best_step = max((point["global_step"] for point in training.history if point["is_best"]), default=None)
         redrawn = redraw_charts(training.run_dir, training.history, best_step, config.grad_clip)

@@ -1,17 +1,22 @@
 """runs/RUN/metrics.jsonl: what happened at every step, one JSON object per line.
 
-Global rank 0 appends two kinds of rows (every key is documented in the README):
+Global rank 0 appends these kinds of rows (every key is documented in the README):
 
     {"kind": "train", "step": 41, "loss": 5.91, "learning_rate": 0.0004,
      "grad_norm": 0.83, "clipped_fraction": 0.0, "tokens_per_second": 51234.5, "mfu": 0.41,
      "tokens_seen": 1376256, "elapsed_seconds": 26.9, "cpu_rss_bytes": 1203765248}
     {"kind": "validation", "step": 50, "train_loss": 5.87, "val_loss": 5.93,
      "is_best": true, "checkpoint": "20261202-120000-iteration-50"}
+    {"kind": "benchmark", "step": 50, "checkpoint": "20261202-120000-iteration-50",
+     "tasks": ["hellaswag"], "limit": 500, "seconds": 41.2, "hellaswag/acc": 0.286,
+     "hellaswag/acc_stderr": 0.0202, "hellaswag/acc_norm": 0.298, "hellaswag/acc_norm_stderr": 0.0205}
 
 A training row stands for the steps since the previous training row: `loss` is the mean
 over those steps, every rank and every micro-step; `grad_norm` (present when grad_clip is
 set) the mean norm before clipping and `clipped_fraction` the share of those steps whose
-norm was clipped. On CUDA `cuda_max_allocated_bytes` replaces `cpu_rss_bytes`.
+norm was clipped. On CUDA `cuda_max_allocated_bytes` replaces `cpu_rss_bytes`. A benchmark
+row (train.json's benchmark_tasks; see benchmark_scores.py) holds lm-eval's scores of the
+checkpoint of its step, as TASK/METRIC keys.
 """
 
 import dataclasses
@@ -212,8 +217,12 @@ class MetricsLog:
         """The validation row, and the log made durable up to this checkpoint."""
         if not self.ranks.is_main:
             return
-        self.write({"kind": "validation", "step": step, "train_loss": train_loss, "val_loss": val_loss,
-                    "is_best": is_best, "checkpoint": name})
+        self.write_now({"kind": "validation", "step": step, "train_loss": train_loss, "val_loss": val_loss,
+                        "is_best": is_best, "checkpoint": name})
+
+    def write_now(self, row: dict) -> None:
+        """A row written at once and made durable (global rank 0): a checkpoint's."""
+        self.write(row)
         safe_files.flush_to_disk(self.file)
         if self.tensorboard is not None:
             self.tensorboard.flush()
@@ -227,7 +236,7 @@ class MetricsLog:
         self.file.write(json.dumps(row) + "\n")
         scalars = {key: value for key, value in row.items()
                    if key not in ("kind", "step", "checkpoint") and isinstance(value, (int, float))}
-        group = "train" if row["kind"] == "train" else "validation"
+        group = row["kind"]   # train/..., validation/..., benchmark/hellaswag/acc_norm
         if self.tensorboard is not None:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(f"{group}/{key}", float(value), row["step"])

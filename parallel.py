@@ -195,6 +195,21 @@ def main_rank_first(work, ranks: Ranks, error_type):
     return result
 
 
+def main_rank_alone(work, ranks: Ranks):
+    """Run work() on global rank 0 while the other ranks wait, however long it takes
+    (benchmarks at a checkpoint: minutes); returns its result there (None elsewhere).
+
+    The others wait in a barrier of the gloo set-up group (24 h timeout), not at the
+    training's next collective: under NCCL a collective left waiting more than the
+    process group's timeout (10 minutes, torch's default) is aborted by NCCL's watchdog,
+    which ends the run. Every rank has joined every collective before this barrier, so
+    none is left pending while they wait."""
+    result = work() if ranks.is_main else None
+    if ranks.distributed:
+        dist.barrier(group=ranks.setup_group)
+    return result
+
+
 # --- wrapping the model for training ---
 
 @dataclass

@@ -3,16 +3,17 @@
     uv run python test_benchmarks.py MODEL_JSON WEIGHTS --tasks hellaswag,arc_easy [options]
 
 The checkpoint is written as a plain transformers GPT2LMHeadModel with GPT-2's tokenizer
-(export_hf.py's files) into a temporary directory, and lm-eval's own `hf` model scores
-that, exactly as it scores GPT-2: the numbers are comparable with every published lm-eval
-figure for the same task and settings. GPT-2's own scores come the same way, from a
-checkpoint that import_hf.py made of openai-community/gpt2.
+(export_hf.py's files) into a temporary directory, loaded from there, and lm-eval's own
+`hf` model scores it, exactly as it scores GPT-2: the numbers are comparable with every
+published lm-eval figure for the same task and settings. GPT-2's own scores come the same
+way, from a checkpoint that import_hf.py made of openai-community/gpt2. The lm-eval side
+(tasks, the exported model, scoring) is benchmark_scores.py, which training shares for
+train.json's benchmark_tasks.
 """
 
 import contextlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -50,15 +51,15 @@ def main(**arguments):
 
 answer_usage_first(main)
 # Only now, with the command line known to be good: torch takes seconds to import, and
-# --help or a mistyped option should answer at once. lm-eval itself (seconds more) is
-# imported where it is first needed, after the checks that answer at once.
-import torch  # noqa: E402
-
+# --help or a mistyped option should answer at once (hf_gpt2 and devices import it).
+# lm-eval itself (seconds more) is imported where it is first needed, after the checks
+# that answer at once.
+import benchmark_scores  # noqa: E402
 import hf_gpt2  # noqa: E402
 import tokenizer  # noqa: E402
-from devices import TORCH_DTYPES, choose_device_and_dtype  # noqa: E402
-
-LIST_TASKS = "uv run lm-eval ls tasks"
+from benchmark_scores import (formatted, lm_eval_task_manager, load_exported_model,  # noqa: E402
+                              load_tasks, refuse_what_cannot_run_here, select_tasks)
+from devices import choose_device_and_dtype  # noqa: E402
 
 
 # --- what can be checked before any slow work ---
@@ -71,21 +72,7 @@ def task_names(tasks):
 
 
 def checked_include_dir(path):
-    """A directory lm-eval can search for task YAML files, or one line saying why not.
-    lm-eval itself skips a missing or unreadable directory without a word, and then
-    calls the tasks in it unknown."""
-    directory = Path(path).expanduser()
-    if not directory.exists():
-        raise click.ClickException(f"--include-path {path}: no such directory")
-    if not directory.is_dir():
-        raise click.ClickException(f"--include-path {path}: not a directory")
-    try:
-        has_yaml = next(directory.glob("**/*.yaml"), None) is not None
-    except OSError as error:
-        raise click.ClickException(f"--include-path {path}: cannot read it ({error.strerror})") from None
-    if not has_yaml:
-        raise click.ClickException(f"--include-path {path}: holds no task files (*.yaml)")
-    return str(directory.resolve())
+    return benchmark_scores.checked_include_dir(path, label=f"--include-path {path}")
 
 
 def check_output(path, overwrite):
@@ -119,124 +106,7 @@ def read_checkpoint(model_json, weights):
     return cfg, state_dict
 
 
-# --- lm-eval ---
-
-def lm_eval_task_manager(names, include_dirs):
-    """lm-eval's TaskManager, which finds tasks by name.
-
-    It indexes every task file lm-eval ships, some 15,000 (~10 s), then the include
-    paths, whose tasks take precedence. When every name is a task of the include paths
-    (not a group or tag, which may gather lm-eval's own tasks), those paths alone are
-    indexed: the same tasks, found without the wait.
-    """
-    from lm_eval.tasks import TaskManager
-
-    if include_dirs:
-        own_tasks = TaskManager(include_path=include_dirs, include_defaults=False)
-        if set(names) <= set(own_tasks.all_subtasks):
-            return own_tasks
-    return TaskManager(include_path=include_dirs or None)
-
-
-def select_tasks(task_manager, names, include_dirs):
-    """Every name as lm-eval's own command line takes it (task, group, tag, or a glob
-    pattern over them); all the unknown ones named in one line."""
-    selected, unknown = [], []
-    for name in names:
-        matches = task_manager.match_tasks([name])
-        if not matches:
-            unknown.append(name)
-        selected += [match for match in matches if match not in selected]
-    if unknown:
-        listed = ", ".join(f"'{name}'" for name in unknown)
-        where = "lm-eval's tasks, groups and tags"
-        list_command = LIST_TASKS
-        if include_dirs:
-            where += f", nor in a task YAML under {', '.join(include_dirs)} that parses"
-            list_command += f" --include_path {':'.join(include_dirs)}"
-        raise click.ClickException(
-            f"--tasks: unknown task{'s' if len(unknown) > 1 else ''} {listed}: not among {where}; "
-            f"list them with `{list_command}`")
-    return selected
-
-
-def load_tasks(task_manager, names):
-    """lm-eval's Task and Group objects, datasets fetched. Done before the model is
-    loaded, so that a task that can't be (no network for a Hub dataset, a local data file
-    gone) ends the run in seconds, in one line."""
-    loaded = []
-    for name in names:
-        # Loading runs the datasets library, the Hub client and the task's own code, each
-        # with exception types of its own; any of them ends here as one line.
-        try:
-            found = task_manager.load([name])
-        except Exception as error:
-            raise click.ClickException(
-                f"lm-eval task '{name}' could not be loaded: {safe_files.first_line(error)}") from None
-        groups = found.get("groups", {})
-        if name in groups:
-            loaded.append(groups[name])
-        elif name in found["tasks"]:
-            loaded.append(found["tasks"][name])
-        else:  # a tag: it stands for its tasks
-            loaded += found["tasks"].values()
-    return loaded
-
-
-def refuse_what_cannot_run_here(loaded):
-    """One line for what lm-eval would refuse only after the model has loaded, or with a
-    traceback: a task asked for twice (by a group and by name, say), a task that runs the
-    code the model writes (lm-eval marks it unsafe), a task that needs images."""
-    from lm_eval.api.group import Group
-
-    asked_by = {}
-    for item in loaded:
-        source = item.name if isinstance(item, Group) else item.task_name
-        for task in item.get_all_tasks() if isinstance(item, Group) else [item]:
-            if asked_by.setdefault(task.task_name, source) != source:
-                raise click.ClickException(
-                    f"--tasks: task '{task.task_name}' is asked for twice, by "
-                    f"'{asked_by[task.task_name]}' and by '{source}'; ask for it once")
-            if getattr(task, "UNSAFE_CODE", False):
-                raise click.ClickException(
-                    f"lm-eval task '{task.task_name}' runs the code the model writes (lm-eval marks "
-                    "it unsafe); run it with lm-eval's own command line and "
-                    "--confirm_run_unsafe_code, in a sandbox")
-            if getattr(task, "MULTIMODAL", False):
-                raise click.ClickException(
-                    f"lm-eval task '{task.task_name}' needs images or audio; a GPT-2 model reads text only")
-
-
-def load_exported_model(cfg, state_dict, device, dtype_name, batch_size):
-    """lm-eval's `hf` model on a GPT2LMHeadModel written, as export_hf.py writes it, to a
-    temporary directory. The directory is gone once the model and tokenizer are loaded.
-
-    The weights are loaded in fp32 and --dtype is autocast, as in every script here;
-    log-softmax runs in fp32 whatever the dtype, so bf16 logits don't round the
-    loglikelihoods that decide between the choices.
-    """
-    from lm_eval.models.huggingface import HFLM
-
-    with tempfile.TemporaryDirectory(prefix="test-benchmarks-") as directory:
-        hf_gpt2.write_transformers_model(directory, cfg, state_dict)
-        return HFLM(
-            pretrained=directory,
-            device=str(device),
-            dtype=torch.float32,
-            mixed_precision_dtype=None if dtype_name == "fp32" else TORCH_DTYPES[dtype_name],
-            softmax_dtype=torch.float32,
-            batch_size=batch_size,
-        )
-
-
 # --- the report ---
-
-def formatted(value):
-    if isinstance(value, float):
-        # Accuracies to 4 decimals; a perplexity can run to 10^17 (six digits say enough).
-        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.6g}"
-    return "" if value is None else str(value)
-
 
 def results_table(results):
     """One row per task (and group) and metric, in lm-eval's order: task, metric, value, stderr."""
@@ -296,11 +166,8 @@ def score_checkpoint(model_json, weights, tasks, include_paths, num_fewshot, lim
         refuse_what_cannot_run_here(task_objects)
         lm = load_exported_model(cfg, state_dict, device, dtype_name, batch_size)
         del state_dict  # the model holds its own copy
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=task_objects, task_manager=task_manager, num_fewshot=num_fewshot,
-            limit=limit, batch_size=batch_size, device=str(device),
-            log_samples=False,  # per-example records: not kept, not written
-        )
+        results = benchmark_scores.evaluate(lm, task_objects, task_manager, limit=limit,
+                                            num_fewshot=num_fewshot, batch_size=batch_size, device=device)
     # lm-eval names the model after the directory it was loaded from: here a temporary
     # one, gone by now. The checkpoint's own files say what was scored.
     results["config"]["model"] = str(weights)

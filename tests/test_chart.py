@@ -245,10 +245,41 @@ def test_no_clipping_draws_no_clip_line_or_bars(tmp_path):
     assert "no gradient norm logged" in " ".join(text.get_text() for text in norm_axes.texts)
 
 
+def test_the_benchmark_panel_shows_each_tasks_main_score(tmp_path):
+    from matplotlib.image import imread
+
+    rows = synthetic_metrics(10)
+    scores = {0: (0.25, 0.30, 9e8), 5: (0.27, None, 4e6), 9: (0.31, 0.36, 2e5)}
+    for step, (hellaswag, arc_easy, perplexity) in scores.items():
+        row = {"kind": "benchmark", "step": step, "tasks": ["hellaswag", "arc_easy", "tiny_answer"],
+               "limit": 500, "seconds": 3.0, "hellaswag/acc": hellaswag - 0.01, "hellaswag/acc_stderr": 0.02,
+               "hellaswag/acc_norm": hellaswag, "hellaswag/acc_norm_stderr": 0.02,
+               "tiny_answer/perplexity": perplexity}
+        if arc_easy is not None:   # a step without it: a gap in its line
+            row["arc_easy/acc"] = arc_easy
+        rows.append(row)
+    png = tmp_path / chart.METRICS_CHART_FILE
+    figure = chart.draw_metrics_chart(rows, png, grad_clip=1.0)
+    assert imread(png).shape[:2] == (1250, 1200)   # 2.5 inches more for the fifth panel
+    score_axes = axes_named(figure, "score")
+    assert figure.axes.index(score_axes) == 1   # under the loss
+    assert "first 500 examples of each task" in score_axes.get_title()
+    # acc_norm where there is one, else acc, else the first metric; scores beyond [0, 1]
+    # (a perplexity) dashed on a log-scale right axis.
+    assert [text.get_text() for text in score_axes.get_legend().get_texts()] == [
+        "hellaswag (acc_norm)", "arc_easy (acc)", "tiny_answer (perplexity, right)"]
+    hellaswag, arc_easy = score_axes.lines
+    assert list(hellaswag.get_xdata()) == [0, 5, 9] and list(hellaswag.get_ydata()) == [0.25, 0.27, 0.31]
+    assert [str(value) for value in arc_easy.get_ydata()] == ["0.3", "nan", "0.36"]
+    assert len(score_axes.collections) == 1   # the standard-error band: hellaswag's alone
+    perplexity_axes = axes_named(figure, "perplexity")
+    assert perplexity_axes.get_yscale() == "log" and perplexity_axes.lines[0].get_linestyle() == "--"
+
+
 def test_rows_missing_keys_or_values_still_draw(tmp_path):
     # A run resumed with other settings, or a newer writer's rows: missing keys, null, a
-    # diverged NaN/Infinity loss, an unknown kind, a step logged twice (the last wins),
-    # values that are no numbers.
+    # diverged NaN/Infinity loss, an unknown kind, a benchmark row without a score, a step
+    # logged twice (the last wins), values that are no numbers.
     rows = [{"kind": "train", "step": 0, "loss": 10.9},
             {"kind": "train", "step": 1, "loss": None, "learning_rate": 0.001},
             {"kind": "train", "step": 2, "loss": float("inf"), "grad_norm": 2.0},
@@ -256,6 +287,7 @@ def test_rows_missing_keys_or_values_still_draw(tmp_path):
             {"kind": "train", "step": 3, "loss": 9.0, "tokens_per_second": 120.0, "mfu": 0.3},
             {"kind": "train", "step": 4, "loss": "n/a", "learning_rate": True},
             {"kind": "benchmark", "step": 3, "hellaswag": 0.25},
+            {"kind": "evaluation", "step": 3, "hellaswag/acc": 0.25},
             {"kind": "validation", "step": 3, "val_loss": 9.5}]
     png = tmp_path / "metrics.png"
     figure = chart.draw_metrics_chart(json.loads(json.dumps(rows)), png, grad_clip=1.0)
@@ -265,6 +297,7 @@ def test_rows_missing_keys_or_values_still_draw(tmp_path):
     assert [str(value) for value in loss_line.get_ydata()] == ["10.9", "nan", "nan", "9.0", "nan"]
     lr_line = axes_named(figure, "learning rate").lines[0]
     assert [str(value) for value in lr_line.get_ydata()] == ["nan", "0.001", "nan", "nan", "nan"]
+    assert "no benchmark scores logged" in " ".join(text.get_text() for text in axes_named(figure, "score").texts)
 
     # Nothing at all: every panel says so.
     figure = chart.draw_metrics_chart([], png)

@@ -22,6 +22,12 @@ def test_seed_configs_load(tmp_path):
     train = load_train_config(write(tmp_path, "train.json", GOOD_TRAIN))
     assert train.minibatch_size == 6 and train.learning_rate == 0.0004 and train.weight_decay == 0.1
     assert train.lr_schedule == "constant" and train.dtype is None and train.grad_clip is None
+    # No benchmarks unless asked for; asked for, every checkpoint is scored on 500 examples a task.
+    assert train.benchmark_tasks == () and train.benchmark_limit == 500 and train.benchmark_include_path is None
+    assert train.benchmark_interval == train.validation_interval
+    benchmarked = load_train_config(write(tmp_path, "train.json", {**GOOD_TRAIN, "benchmark_tasks": [" hellaswag"],
+                                                                   "benchmark_interval": 300}))
+    assert benchmarked.benchmark_tasks == ("hellaswag",) and benchmarked.benchmark_interval == 300
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -68,6 +74,16 @@ def test_unreadable_config_files(tmp_path, text, fragment):
     ({"min_learning_rate": 0.01}, "key 'min_learning_rate' (0.01) must not exceed 'learning_rate'"),
     ({"gradient_accumulation_steps": 0}, "must be an integer >= 1, got 0"),
     ({"validation_intervall": 5}, "unknown key 'validation_intervall'"),
+    ({"benchmark_tasks": "hellaswag"}, "key 'benchmark_tasks' must be a list of lm-eval task names (strings), "
+                                       "got \"hellaswag\""),
+    ({"benchmark_tasks": ["hellaswag", ""]}, "key 'benchmark_tasks' must be a list of lm-eval task names"),
+    ({"benchmark_tasks": ["hellaswag,arc_easy"]}, "must be one task name per entry (split \"hellaswag,arc_easy\""),
+    ({"benchmark_tasks": ["piqa", " piqa"]}, "a list that names each task once (\"piqa\" is there twice)"),
+    ({"benchmark_interval": 0}, "key 'benchmark_interval' must be an integer >= 1, got 0"),
+    ({"benchmark_interval": 150}, "key 'benchmark_interval' must be a multiple of 'validation_interval' (100): "
+                                  "benchmarks score checkpoints, got 150"),
+    ({"benchmark_limit": 0}, "key 'benchmark_limit' must be an integer >= 1, got 0"),
+    ({"benchmark_include_path": ""}, "key 'benchmark_include_path' must be a non-empty string"),
 ])
 def test_train_config_errors_name_file_key_and_value(tmp_path, change, fragment):
     data = {**GOOD_TRAIN, **change}
