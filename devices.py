@@ -113,6 +113,15 @@ def datasheet_peak_flops(device: torch.device, dtype_name: str) -> float | None:
     return gpu_peak_flops(torch.cuda.get_device_name(device), dtype_name)
 
 
+def mfu_peak_flops(device: torch.device, dtype_name: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) that MFU is measured against: the datasheet's
+    dense peak of a known GPU, else a large matmul measured now (a CPU's practical peak)."""
+    peak = datasheet_peak_flops(device, dtype_name)
+    if peak is not None:
+        return peak, f"the datasheet's {dtype_name} peak"
+    return measure_matmul_flops(device, dtype_name), f"a {dtype_name} matmul measured now"
+
+
 def gpu_peak_flops(device_name: str, dtype_name: str) -> float | None:
     for key, peaks in GPU_PEAK_FLOPS:
         if key in device_name:

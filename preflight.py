@@ -152,7 +152,7 @@ def measure_run(training, train_step, *, timed_steps: int, deadline_hours: float
            "memory": memory, "memory_kind": memory_kind,
            "loss": loss_sum.item() / (timed_steps * training.config.gradient_accumulation_steps)}
     # Measured after the steps, so that its matrices don't count in the peak memory.
-    peak_flops, source = mfu_peak(device, training.dtype_name) if ranks.is_main else (None, None)
+    peak_flops, source = devices.mfu_peak_flops(device, training.dtype_name) if ranks.is_main else (None, None)
     rows = gather_from_all(row, ranks)
     if ranks.is_main:
         print_preflight_report(training, rows, timed_steps, peak_flops, source, deadline_hours)
@@ -167,14 +167,6 @@ def wait_for_every_rank(training) -> None:
 
 def device_label(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def mfu_peak(device: torch.device, dtype_name: str) -> tuple[float, str]:
-    """The peak FLOP/s MFU is against, and where it came from, as training_progress's."""
-    peak = devices.datasheet_peak_flops(device, dtype_name)
-    if peak is not None:
-        return peak, f"the datasheet's {dtype_name} peak"
-    return devices.measure_matmul_flops(device, dtype_name), f"a {dtype_name} matmul measured now"
 
 
 def print_preflight_report(training, rows: list[dict], timed_steps: int, peak_flops: float, source: str,

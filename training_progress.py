@@ -34,11 +34,7 @@ class TrainingProgress:
         self.flops_per_token = devices.training_flops_per_token(model_config)
         self.peak_flops = None
         if ranks.is_main:
-            self.peak_flops = devices.datasheet_peak_flops(device, dtype_name)
-            source = f"the datasheet's {dtype_name} peak"
-            if self.peak_flops is None:
-                self.peak_flops = devices.measure_matmul_flops(device, dtype_name)
-                source = f"a {dtype_name} matmul measured now"
+            self.peak_flops, source = devices.mfu_peak_flops(device, dtype_name)
             print(f"MFU is against {self.peak_flops / 1e12:,.3f} TFLOP/s ({source} on {device.type})")
         # Training loss since the last checkpoint, summed on the device.
         self.loss_sum = torch.zeros((), device=device)

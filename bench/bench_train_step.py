@@ -131,14 +131,6 @@ def check_same_function(ours, peer, device, cfg):
     return our_loss, peer_loss
 
 
-def peak_flops(device, dtype_name):
-    """(peak FLOP/s, where it came from): the datasheet's for a known GPU, else measured now."""
-    datasheet = devices.datasheet_peak_flops(device, dtype_name)
-    if datasheet:
-        return datasheet, "datasheet"
-    return devices.measure_matmul_flops(device, dtype_name), "measured 2048^2 matmul"
-
-
 @click.command()
 @click.option("--batch", default=None, type=int, help="Micro-batch (default: 2 on CPU, 16 on GPU).")
 @click.option("--repeats", default=3, show_default=True)
@@ -216,12 +208,12 @@ def main(batch, repeats, dtype_name, device_name, use_compile, peers, precisions
                      if device.type == "cpu" else ""))
 
     step_dtypes = list(dict.fromkeys(step_dtype for _, _, step_dtype in candidates.values()))
-    peaks = {step_dtype: peak_flops(device, step_dtype) for step_dtype in step_dtypes}
+    peaks = {step_dtype: devices.mfu_peak_flops(device, step_dtype) for step_dtype in step_dtypes}
     medians = alternate({label: step for label, (step, _, _) in candidates.items()},
                         repeats=repeats, warmup=2 if use_compile else 1, device=device)
     # A measured peak only ever reads low (a busy moment): measured again after the
     # steps, the higher of the two is kept.
-    peaks = {step_dtype: max(peak, peak_flops(device, step_dtype), key=lambda p: p[0])
+    peaks = {step_dtype: max(peak, devices.mfu_peak_flops(device, step_dtype), key=lambda p: p[0])
              for step_dtype, peak in peaks.items()}
     tokens = batch * seq
     flops_per_token = devices.training_flops_per_token(SEED_163M)
