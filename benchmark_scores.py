@@ -51,6 +51,18 @@ def checked_include_dir(path, label):
     return str(directory.resolve())
 
 
+def refuse_without_gpt2_tokenizer(model_config, model_json, context=""):
+    """One line (context, if given, first) for a model whose embeddings don't cover
+    GPT-2's token ids: lm-eval's tasks are text, and text here is GPT-2's tokens."""
+    import hf_gpt2
+    import tokenizer
+
+    if not hf_gpt2.has_gpt2_tokenizer(model_config):
+        raise BenchmarkError(
+            f"{context}{model_json}: vocab_size {model_config['vocab_size']} is smaller than GPT-2's "
+            f"{tokenizer.VOCAB_SIZE}: lm-eval's tasks are text, read with GPT-2's tokenizer")
+
+
 # --- finding and loading tasks ---
 
 def lm_eval_task_manager(names, include_dirs):
@@ -221,21 +233,16 @@ def kept_random_states(device):
     import random
 
     import numpy
-    import torch
 
-    python_state, numpy_state, cpu_state = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+    from parallel import generator_states, set_generator_states
+
+    python_state, numpy_state, torch_states = random.getstate(), numpy.random.get_state(), generator_states(device)
     try:
         yield
     finally:
         random.setstate(python_state)
         numpy.random.set_state(numpy_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-        if mps_state is not None:
-            torch.mps.set_rng_state(mps_state)
+        set_generator_states(torch_states, device)
 
 
 # --- the scores as metrics.jsonl keys, and read back ---
@@ -344,16 +351,9 @@ class InTrainingBenchmarks:
     def load(self) -> None:
         """Global rank 0: find and load the tasks, or raise BenchmarkError naming
         train.json's key."""
-        import hf_gpt2
-        import tokenizer
-
         train_json = self.run_dir / "train.json"
         option = f"{train_json}: key 'benchmark_tasks'"
-        if not hf_gpt2.has_gpt2_tokenizer(self.model_config):
-            raise BenchmarkError(
-                f"{option} is set, but {self.run_dir / 'model.json'} has vocab_size "
-                f"{self.model_config['vocab_size']}, smaller than GPT-2's {tokenizer.VOCAB_SIZE}: "
-                "lm-eval's tasks are text, read with GPT-2's tokenizer")
+        refuse_without_gpt2_tokenizer(self.model_config, self.run_dir / "model.json", context=f"{option} is set, but ")
         include_dirs = []
         if self.include_path is not None:
             # Relative to the run directory, as init_from.

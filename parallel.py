@@ -296,13 +296,28 @@ def full_model_state(wrapped: WrappedModel, ranks: Ranks) -> dict | None:
     return wrapped.model.state_dict() if ranks.is_main else None
 
 
+def generator_states(device: torch.device) -> dict:
+    """This process's torch generator states: the CPU's and the training device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_generator_states(states: dict, device: torch.device) -> None:
+    """Put back what generator_states returned (a device's state only where it has one)."""
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    elif device.type == "mps" and "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
+
+
 def rng_states(ranks: Ranks, device: torch.device) -> dict | None:
     """Every rank's generator states, gathered on global rank 0 (None elsewhere)."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        mine["mps"] = torch.mps.get_rng_state()
+    mine = generator_states(device)
     everyone = [mine]
     if ranks.distributed:
         everyone = [None] * ranks.world_size if ranks.is_main else None
@@ -313,8 +328,6 @@ def rng_states(ranks: Ranks, device: torch.device) -> dict | None:
 
 
 def restore_rng_states(saved: dict, ranks: Ranks, device: torch.device) -> None:
-    torch.set_rng_state(saved["cpu"][ranks.rank])
-    if device.type == "cuda" and "cuda" in saved:
-        torch.cuda.set_rng_state(saved["cuda"][ranks.rank], device)
-    elif device.type == "mps" and "mps" in saved:
-        torch.mps.set_rng_state(saved["mps"][ranks.rank])
+    """This rank's states out of what rng_states gathered."""
+    set_generator_states({kind: saved[kind][ranks.rank] for kind in ("cpu", "cuda", "mps") if kind in saved},
+                         device)
