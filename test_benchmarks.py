@@ -56,7 +56,6 @@ answer_usage_first(main)
 # that answer at once.
 import benchmark_scores  # noqa: E402
 import hf_gpt2  # noqa: E402
-import tokenizer  # noqa: E402
 from benchmark_scores import (formatted, lm_eval_task_manager, load_exported_model,  # noqa: E402
                               load_tasks, refuse_what_cannot_run_here, select_tasks)
 from devices import choose_device_and_dtype  # noqa: E402
@@ -99,10 +98,7 @@ def read_checkpoint(model_json, weights):
     """Our model config and weights, refused now (one line) where they don't fit together
     or can't become a GPT2LMHeadModel that reads text."""
     cfg, state_dict = hf_gpt2.read_exportable_checkpoint(model_json, weights)
-    if not hf_gpt2.has_gpt2_tokenizer(cfg):
-        raise click.ClickException(
-            f"{model_json}: vocab_size {cfg['vocab_size']} is smaller than GPT-2's "
-            f"{tokenizer.VOCAB_SIZE}: lm-eval's tasks are text, read with GPT-2's tokenizer")
+    benchmark_scores.refuse_without_gpt2_tokenizer(cfg, model_json)
     return cfg, state_dict
 
 

@@ -295,7 +295,7 @@ BAD_BENCHMARKS = {
                                      "key 'benchmark_interval' must be a multiple of 'validation_interval' (2)"),
     "no include directory": ({"benchmark_include_path": "nowhere"}, MODEL,
                              "key 'benchmark_include_path' \"nowhere\""),
-    "vocabulary too small": ({}, {**MODEL, "vocab_size": 64}, "vocab_size 64, smaller than GPT-2's 50257"),
+    "vocabulary too small": ({}, {**MODEL, "vocab_size": 64}, "model.json: vocab_size 64 is smaller than GPT-2's 50257"),
 }
 
 
