@@ -64,8 +64,9 @@ def number(text):
 
 
 def test_preflight_of_a_resumed_run_reports_speed_and_duration_and_writes_nothing(tmp_path, datasets_dir):
-    # 512 tokens: 8 global steps of 64; resuming the checkpoint of step 2 leaves 5.
-    run_dir = make_run(tmp_path / "run", train={**TRAIN, "min_train_tokens": 512})
+    # 512 tokens: 8 global steps of 64; resuming the checkpoint of step 2 leaves 5. With a
+    # logger on, which a training run would start in the run directory.
+    run_dir = make_run(tmp_path / "run", train={**TRAIN, "min_train_tokens": 512, "tensorboard": True})
     checkpoint = write_checkpoint(run_dir, step=2)
     # What an interrupted save leaves: a real run's rank 0 clears it away, a preflight must not.
     leftover = run_dir / "checkpoints" / f"{checkpointing.PARTIAL_PREFIX}20250101Z000000-iteration-5"
