@@ -6,7 +6,6 @@ would measure the machine's load. Also command_line.answer_usage_first against c
 standalone handling, on a small command of the test's own.
 """
 
-import os
 import subprocess
 import sys
 import textwrap

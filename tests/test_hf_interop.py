@@ -26,7 +26,6 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import export_hf
-import hf_gpt2
 import import_hf
 import safe_files
 import test_smoke

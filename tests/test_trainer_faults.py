@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import checkpointing
 from command_line import relaunch_command
-from helpers import (MODEL, PROJECT_ROOT, SCRIPT, TRAIN, environment, latest, make_run, one_line_error,
+from helpers import (PROJECT_ROOT, SCRIPT, TRAIN, environment, latest, make_run, one_line_error,
                      pattern_tokens, run_training)
 from token_data import DatasetError, load_dataset
 

@@ -5,11 +5,9 @@ Unlike the other tests, these use what a user gets without "seed" and "dtype" in
 train.json: PyTorch's default seed and this machine's default precision (bf16 on a CPU
 with native bf16, fp32 elsewhere)."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from safetensors.torch import save_file
 import checkpointing
 import devices
 from config import DEFAULT_SEED
-from gpt import GPTModel
 from helpers import (MODEL, PROJECT_ROOT, TRAIN, copy_run_up_to, environment, final_weights, latest,
                      make_run, metrics_rows, pattern_tokens, run_training, torchrun_command, trained)
 
