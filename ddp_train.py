@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 
-from command_line import answer_usage_first, relaunch_command
+from support.command_line import answer_usage_first, relaunch_command
 
 # The process that started this one (torchrun, or the shell of a plain run), read before
 # the slow imports below: see parallel.die_with_launcher.
@@ -105,23 +105,23 @@ answer_usage_first(main)
 
 import torch  # noqa: E402
 
-import checkpointing  # noqa: E402
-import devices  # noqa: E402
-import preflight  # noqa: E402
-from benchmark_scores import BenchmarkError, InTrainingBenchmarks  # noqa: E402
-from chart import bad_lines_warning, redraw_charts  # noqa: E402
-from config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
+from support import checkpointing  # noqa: E402
+from support import devices  # noqa: E402
+from support import preflight  # noqa: E402
+from support.benchmark_scores import BenchmarkError, InTrainingBenchmarks  # noqa: E402
+from support.charts import bad_lines_warning, redraw_charts  # noqa: E402
+from support.config import ConfigError, TrainConfig, load_model_config, load_train_config  # noqa: E402
 from gpt import GPTModel  # noqa: E402
-from metrics_log import METRICS_FILE, MetricsError, MetricsLog, check_loggers_installed  # noqa: E402
-from optimizer import (build_optimizer, full_optimizer_state, learning_rate_at,  # noqa: E402
+from support.metrics import METRICS_FILE, MetricsError, MetricsLog, check_loggers_installed  # noqa: E402
+from support.optimizer import (build_optimizer, full_optimizer_state, learning_rate_at,  # noqa: E402
                        load_optimizer_state, set_learning_rate)
-from parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
+from support.parallel import (Ranks, WrappedModel, all_reduce_sum, die_with_launcher,  # noqa: E402
                       finish_process_group, first_on_each_node, full_model_state, lost_a_peer,
                       main_rank_alone, main_rank_first, read_ranks, report_to_launcher,
                       restore_rng_states, rng_states, start_process_group, wrap_model)
-from safe_files import first_line  # noqa: E402
-from token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir  # noqa: E402
-from training_progress import TrainingProgress  # noqa: E402
+from support.safe_files import first_line  # noqa: E402
+from support.token_data import DatasetError, TokenBatches, load_dataset, resolve_dataset_dir  # noqa: E402
+from support.progress import TrainingProgress  # noqa: E402
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 STARTUP_CHECKED_BATCHES = 100   # train batches whose token ids are checked before training

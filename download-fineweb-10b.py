@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-import safe_files
+from support import safe_files
 
 DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 SAMPLES = ("10BT", "100BT", "350BT")

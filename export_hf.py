@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-import safe_files
-import tokenizer
-from command_line import answer_usage_first
+from support import safe_files
+from support import tokenizer
+from support.command_line import answer_usage_first
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
@@ -40,7 +40,7 @@ def main(**arguments):
 answer_usage_first(main)
 # Only now, with the command line known to be good: torch takes seconds to import, and
 # --help or a mistyped option should answer at once.
-import hf_gpt2  # noqa: E402
+from support import hf_gpt2  # noqa: E402
 
 
 # --- model card ---

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-import safe_files
-from command_line import answer_usage_first
-from config import read_json_object, validate_model_config
+from support import safe_files
+from support.command_line import answer_usage_first
+from support.config import read_json_object, validate_model_config
 
 OUTPUT_FILES = ("model.json", "model.safetensors")
 # Hub repo ids: "name" or "owner/name". Anything that exists locally is a local path.
@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import hf_gpt2  # noqa: E402
+from support import hf_gpt2  # noqa: E402
 
 
 def download_from_hub(repo_id):

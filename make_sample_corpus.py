@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 
-import safe_files
+from support import safe_files
 
 SAMPLE_FOLDER = Path("sample") / "10BT"
 SHUFFLE_SEED = 1234

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import click
 
-import safe_files
-import tokenizer
-from command_line import answer_usage_first
+from support import safe_files
+from support import tokenizer
+from support.command_line import answer_usage_first
 
 SPLITS = ("train", "validation")
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"

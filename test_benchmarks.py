@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-import safe_files
-from command_line import answer_usage_first
+from support import safe_files
+from support.command_line import answer_usage_first
 
 
 @click.command()
@@ -54,11 +54,11 @@ answer_usage_first(main)
 # --help or a mistyped option should answer at once (hf_gpt2 and devices import it).
 # lm-eval itself (seconds more) is imported where it is first needed, after the checks
 # that answer at once.
-import benchmark_scores  # noqa: E402
-import hf_gpt2  # noqa: E402
-from benchmark_scores import (formatted, lm_eval_task_manager, load_exported_model,  # noqa: E402
+from support import benchmark_scores  # noqa: E402
+from support import hf_gpt2  # noqa: E402
+from support.benchmark_scores import (formatted, lm_eval_task_manager, load_exported_model,  # noqa: E402
                               load_tasks, refuse_what_cannot_run_here, select_tasks)
-from devices import choose_device_and_dtype  # noqa: E402
+from support.devices import choose_device_and_dtype  # noqa: E402
 
 
 # --- what can be checked before any slow work ---

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import click
 
-import instruction_data
-import judge
-import safe_files
-import tokenizer
-from command_line import answer_usage_first
+from support import instruction_data
+from support import judge
+from support import safe_files
+from support import tokenizer
+from support.command_line import answer_usage_first
 
 VALIDATION_BATCHES = 5  # the seed's validation loss: the first five batches
 EXAMPLES_SHOWN = 3
@@ -90,8 +90,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpointing import load_model  # noqa: E402
-from devices import autocast, choose_device_and_dtype  # noqa: E402
+from support.checkpointing import load_model  # noqa: E402
+from support.devices import autocast, choose_device_and_dtype  # noqa: E402
 from gpt import generate  # noqa: E402
 
 

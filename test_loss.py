@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from command_line import answer_usage_first
+from support.command_line import answer_usage_first
 
 
 @click.command()
@@ -45,9 +45,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import token_data  # noqa: E402
-from checkpointing import load_model  # noqa: E402
-from devices import autocast, choose_device_and_dtype  # noqa: E402
+from support import token_data  # noqa: E402
+from support.checkpointing import load_model  # noqa: E402
+from support.devices import autocast, choose_device_and_dtype  # noqa: E402
 
 
 def dataset_directory(dataset, datasets_dir, split):

@@ -8,7 +8,7 @@ temperature 1.4, top-k 25.
 
 import click
 
-import tokenizer
+from support import tokenizer
 
 # The line printed between the prompt and the generated text.
 SEPARATOR = "--- generated ---"
@@ -38,8 +38,8 @@ def main(model_config_path, model_safetensors_path, prompt, num_tokens, temperat
     # and --help or a mistyped option should answer at once.
     import torch
 
-    from checkpointing import load_model
-    from devices import resolve_device
+    from support.checkpointing import load_model
+    from support.devices import resolve_device
     from gpt import generate
 
     try:

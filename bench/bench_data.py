@@ -99,7 +99,7 @@ def seed_prepare(input_dir, output_dir, cache_dir):
     from datasets import load_dataset
     from safetensors.torch import save_file
 
-    import tokenizer
+    from support import tokenizer
 
     splits = load_dataset("parquet", data_files=f"{input_dir}/sample/10BT/*.parquet",
                           split={"train": "train[:99%]", "validation": "train[99%:]"},
@@ -121,7 +121,7 @@ def seed_prepare(input_dir, output_dir, cache_dir):
 
 
 def read_batches_ours(dataset_dir):
-    import token_data
+    from support import token_data
 
     batches = token_data.load_dataset(dataset_dir, "train", -1, 0, 1, BATCH_SIZE, SEQ_LENGTH)
     checksum = 0
@@ -137,7 +137,7 @@ def imports_only(dataset_dir):
     import safetensors.torch  # noqa: F401
     import torch
 
-    import token_data  # noqa: F401
+    from support import token_data  # noqa: F401
     x = torch.zeros(BATCH_SIZE, SEQ_LENGTH, dtype=torch.uint16)
     checksum = sum(int(x.to(torch.long).sum()) for _ in range(BATCHES))
     print(json.dumps({"checksum": checksum}))

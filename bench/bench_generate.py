@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import devices  # noqa: E402
-from config import load_model_config  # noqa: E402
+from support import devices  # noqa: E402
+from support.config import load_model_config  # noqa: E402
 from gpt import GPTModel, generate  # noqa: E402
 from naive_gpt import naive_generate  # noqa: E402
 from timing import alternate, print_table  # noqa: E402

@@ -50,10 +50,10 @@ def worker(options: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from config import validate_train_config
+    from support.config import validate_train_config
     from gpt import GPTModel
-    from optimizer import build_optimizer
-    from parallel import finish_process_group, read_ranks, start_process_group, wrap_model
+    from support.optimizer import build_optimizer
+    from support.parallel import finish_process_group, read_ranks, start_process_group, wrap_model
 
     ranks = read_ranks()
     rank, world_size = ranks.rank, ranks.world_size

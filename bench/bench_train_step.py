@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import devices  # noqa: E402
-import hf_gpt2  # noqa: E402
-import safe_files  # noqa: E402
-from config import load_model_config, load_train_config  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
+from support import devices  # noqa: E402
+from support import hf_gpt2  # noqa: E402
+from support import safe_files  # noqa: E402
+from support.config import load_model_config, load_train_config  # noqa: E402
+from support.optimizer import build_optimizer  # noqa: E402
 from gpt import GPTModel  # noqa: E402
 from naive_gpt import NaiveGPTModel  # noqa: E402
 from timing import alternate, print_table  # noqa: E402

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from devices import synchronize  # the project root is on sys.path in every bench script
+from support.devices import synchronize  # the project root is on sys.path in every bench script
 
 
 def alternate(candidates, repeats, warmup=1, device=torch.device("cpu")):

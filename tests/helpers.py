@@ -1,5 +1,5 @@
-"""Small pieces shared by the scale-out tests (multi-node, FSDP, activation checkpointing):
-a toy token dataset, a tiny run directory, ddp_train.py under torchrun, free ports."""
+"""What the tests share: running a script as a user runs it (run_script, run_training), a toy
+token dataset, tiny run directories and checkpoints, free ports, and checks of a run's output."""
 
 import json
 import os
@@ -11,10 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpointing
+from support import checkpointing
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT_ROOT / "ddp_train.py"
+
+# The line test_smoke.py prints between the prompt and the continuation.
+SMOKE_SEPARATOR = "--- generated ---"
 
 MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
          "drop_rate": 0.0, "qkv_bias": False}
@@ -63,7 +66,25 @@ def torchrun_command(launcher_options, run_dir, datasets_dir, *arguments):
 
 
 def environment(extra=None):
+    """The tests' environment for a script: one thread per process (two pytest workers share
+    two cores, and torchrun's ranks share them again), plus `extra`."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def run_script(script, *arguments, cwd=PROJECT_ROOT, env=None, timeout=300, **options):
+    """A top-level script run as a user runs it, `python SCRIPT ARGUMENTS...`, in a
+    subprocess with its output captured as text: the one way the tests run scripts (they
+    import only the support package and gpt.py). `options` go to subprocess.run (input=...)."""
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / script), *map(str, arguments)],
+                          cwd=cwd, env=environment(env), capture_output=True, text=True, timeout=timeout,
+                          **options)
+
+
+def start_script(script, *arguments, cwd=PROJECT_ROOT, env=None, **options):
+    """run_script's process started and left running (subprocess.Popen, text mode): for a
+    test that signals it or watches it. `options` go to Popen (stdout=..., stderr=...)."""
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / script), *map(str, arguments)],
+                            cwd=cwd, env=environment(env), text=True, **options)
 
 
 def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
@@ -73,8 +94,7 @@ def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
         command = torchrun_command(["--standalone", f"--nproc_per_node={nproc}"], run_dir,
                                    datasets_dir, *arguments)
     else:
-        command = [sys.executable, str(SCRIPT), str(run_dir), str(datasets_dir), *arguments,
-                   "--device", "cpu"]
+        return run_script(SCRIPT.name, run_dir, datasets_dir, *arguments, "--device", "cpu", env=env)
     return subprocess.run(command, capture_output=True, text=True, env=environment(env),
                           cwd=PROJECT_ROOT, timeout=300)
 
@@ -151,7 +171,7 @@ RUN_DEPENDENT_KEYS = ("tokens_per_second", "mfu", "elapsed_seconds", "cpu_rss_by
 def metrics_rows(run_dir, comparable=False):
     """metrics.jsonl's rows, every line a valid row; with comparable=True, without the
     keys that differ between two runs of one config."""
-    from metrics_log import METRICS_FILE, read_metrics
+    from support.metrics import METRICS_FILE, read_metrics
 
     rows, bad_lines = read_metrics(Path(run_dir) / METRICS_FILE)
     assert not bad_lines

@@ -5,8 +5,8 @@ the same dropout masks)."""
 import pytest
 import torch
 
-import checkpointing
-import parallel
+from support import checkpointing
+from support import parallel
 from gpt import GPTModel
 from helpers import MODEL, TRAIN, final_weights, latest, make_run, trained
 

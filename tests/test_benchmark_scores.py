@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-import ddp_train
-from benchmark_scores import main_metric, task_scores
-from config import TrainConfig
-from metrics_log import METRICS_FILE, MetricsLog
-from parallel import Ranks
+from support.benchmark_scores import main_metric, task_scores
+from support.config import TrainConfig
+from support.metrics import METRICS_FILE, MetricsLog
+from support.parallel import Ranks
 
 from helpers import (PROJECT_ROOT, copy_run_up_to, environment, final_weights, make_run, metrics_rows,
                      run_training, torchrun_command)
@@ -225,7 +223,7 @@ def test_a_failed_scoring_is_a_warning_and_puts_the_generators_back(monkeypatch,
 
     import numpy
 
-    import benchmark_scores
+    from support import benchmark_scores
 
     def out_of_memory(*arguments):
         torch.manual_seed(1234)   # as simple_evaluate seeds, then fails
@@ -262,12 +260,12 @@ def test_a_failed_scoring_is_a_warning_and_puts_the_generators_back(monkeypatch,
 
 def test_importing_benchmark_scores_imports_nothing_heavy():
     # chart.py imports it to read the rows, ddp_train.py with or without benchmarks.
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import benchmark_scores"],
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "from support import benchmark_scores"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line}
-    assert "benchmark_scores" in imported
+    assert "support" in imported
     assert not imported & {"torch", "numpy", "lm_eval", "transformers", "datasets", "matplotlib"}
 
 
@@ -305,8 +303,8 @@ def test_bad_benchmark_settings_are_one_line_and_write_nothing(case, tmp_path, d
     run_dir = tmp_path / "run"
     make_run(run_dir, model, {**TRAIN, **benchmark_keys(run_dir), **change})
     before = files_in(run_dir)
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), "--device", "cpu"])
-    assert result.exit_code == 1, result.output
+    result = run_training(run_dir, datasets_dir, nproc=None)
+    assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {run_dir / 'train.json'}: ") and message in lines[0], \
         result.stderr

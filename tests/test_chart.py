@@ -8,9 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-import chart
+from helpers import run_script
+from support import charts as chart
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,18 +68,18 @@ def test_points_from_original_checkpoints_skip_leftovers(tmp_path):
 def test_command_redraws_a_run_chart(tmp_path):
     run_dir = tmp_path / "run"
     write_checkpoint(run_dir / "checkpoints", "20250101Z000000-iteration-0", point(0, 9.0, 9.5, True))
-    result = CliRunner().invoke(chart.main, [str(run_dir)])
-    assert result.exit_code == 0, result.output
+    result = run_script("chart.py", run_dir)
+    assert result.returncode == 0, result.stderr
     assert (run_dir / chart.CHART_FILE).read_bytes()[:8] == PNG_MAGIC
     # No metrics.jsonl (the original scripts' run): the loss chart alone, and no warning.
-    assert result.output == f"wrote {run_dir / chart.CHART_FILE} (1 points)\n"
+    assert result.stdout == f"wrote {run_dir / chart.CHART_FILE} (1 points)\n" and not result.stderr
     assert sorted(os.listdir(run_dir)) == [chart.CHART_FILE, "checkpoints"]
 
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
-    result = CliRunner().invoke(chart.main, [str(empty)])
-    assert result.exit_code == 1
-    assert "no complete checkpoints" in result.output
+    result = run_script("chart.py", empty)
+    assert result.returncode == 1
+    assert "no complete checkpoints" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.fixture
@@ -363,8 +363,8 @@ def test_command_redraws_both_charts_and_names_a_garbage_line(tmp_path):
     lines = [json.dumps(row) for row in synthetic_metrics(10)]
     lines.insert(2, '{"kind": "train", "step": 1, "lo')  # line 3: torn by a crash
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(chart.main, [str(run_dir)])
-    assert result.exit_code == 0, result.output
+    result = run_script("chart.py", run_dir)
+    assert result.returncode == 0, result.stderr
     assert result.stderr.count("\n") == 1
     assert f"{run_dir / 'metrics.jsonl'}: line 3 " in result.stderr
     assert result.stdout.splitlines() == [f"wrote {run_dir / chart.CHART_FILE} (1 points)",

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import checkpointing
-from checkpointing import CheckpointError
+from support import checkpointing
+from support.checkpointing import CheckpointError
 from helpers import one_line_error
 from test_checkpointing import MODEL_CONFIG, checkpoint_states, save
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import chart
-import checkpointing
-from checkpointing import CheckpointError
+from support import charts as chart
+from support import checkpointing
+from support.checkpointing import CheckpointError
 from gpt import GPTModel
 
 MODEL_CONFIG = {"vocab_size": 64, "emb_dim": 16, "context_length": 8, "n_heads": 2, "n_layers": 1,

@@ -21,7 +21,7 @@ HEAVY_MODULES = ("torch", "numpy", "pyarrow", "pandas", "datasets", "matplotlib"
 DDP_TRAIN = "ddp_train.py"
 SCRIPTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "test_ift.py", "export_hf.py", "import_hf.py",
            "prepare_datasets.py", "download-fineweb-10b.py", "make_sample_corpus.py", "chart.py",
-           "judge.py", "test_benchmarks.py"]
+           "test_benchmarks.py"]
 # The scripts with an argument that must be given.
 SCRIPTS_WITH_ARGUMENTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "export_hf.py",
                           "import_hf.py", "prepare_datasets.py", "chart.py", "test_benchmarks.py"]
@@ -93,7 +93,7 @@ import sys
 import click
 
 sys.path.insert(0, {project_root!r})
-from command_line import answer_usage_first
+from support.command_line import answer_usage_first
 
 
 @click.command()

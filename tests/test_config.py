@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from config import ConfigError, load_model_config, load_train_config
+from support.config import ConfigError, load_model_config, load_train_config
 
 GOOD_MODEL = dict(vocab_size=50257, emb_dim=768, context_length=1024, n_heads=12, n_layers=12,
                   drop_rate=0.1, qkv_bias=False)

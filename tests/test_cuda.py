@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import checkpointing
-import devices
-import tokenizer
-from config import validate_train_config
+from support import checkpointing
+from support import devices
+from support import tokenizer
+from support.config import validate_train_config
 from gpt import GPTModel, generate
-from helpers import (MODEL, PROJECT_ROOT, SCRIPT, TRAIN, copy_run_up_to, environment, final_weights, latest,
+from helpers import (MODEL, PROJECT_ROOT, SCRIPT, SMOKE_SEPARATOR, TRAIN, copy_run_up_to, environment, final_weights, latest,
                      make_run)
-from test_smoke import SEPARATOR
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is "
@@ -207,7 +206,7 @@ def test_compiled_training_step_is_one_graph_with_eager_numbers():
 
 
 def test_build_optimizer_picks_fused_adamw_on_cuda():
-    from optimizer import build_optimizer
+    from support.optimizer import build_optimizer
 
     config = validate_train_config(TRAIN)
     torch.manual_seed(0)
@@ -231,7 +230,7 @@ def test_build_optimizer_picks_fused_adamw_on_cuda():
 
 def test_batches_reach_the_gpu_through_pinned_memory(datasets_dir):
     import ddp_train
-    from token_data import load_dataset
+    from support.token_data import load_dataset
     from torch.profiler import ProfilerActivity, profile
 
     batches = load_dataset(datasets_dir / "toy", "train", 256, 0, 1, 2, 16, vocab_size=64)
@@ -334,7 +333,7 @@ def test_scripts_on_a_cuda_trained_checkpoint(fp16_run, tmp_path, datasets_dir):
     assert smoke.returncode == 0, smoke.stderr[-3000:]
     prompt = tokenizer.encode("Every effort moves you")
     continuation = tokenizer.decode(generate(cpu_model, [prompt], 8)[0])
-    assert smoke.stdout == f"Every effort moves you\n{SEPARATOR}\n{continuation}\n"
+    assert smoke.stdout == f"Every effort moves you\n{SMOKE_SEPARATOR}\n{continuation}\n"
 
     loss = run_script("test_loss.py", datasets_dir, model_json, weights, "--dataset", datasets_dir / "toy",
                       "--start-token", "0", "--batches", "4", "--batch-size", "2", "--device", "cuda",

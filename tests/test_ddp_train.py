@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import chart
-import checkpointing
+from support import charts as chart
+from support import checkpointing
 import ddp_train
-from config import TRAIN_REQUIRED, validate_train_config
+from support.config import TRAIN_REQUIRED, validate_train_config
 from gpt import GPTModel
-from optimizer import learning_rate_at
+from support.optimizer import learning_rate_at
 
 import helpers
 from helpers import PROJECT_ROOT, run_training

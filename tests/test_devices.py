@@ -2,7 +2,7 @@
 
 import pytest
 
-import devices
+from support import devices
 from gpt import GPTModel
 
 

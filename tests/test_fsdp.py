@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import checkpointing
+from support import checkpointing
 import ddp_train
 from gpt import GPTModel
 from helpers import (MODEL, TRAIN, assert_close_weights, copy_run_up_to, final_weights, latest, make_run,

@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 import export_hf
 import import_hf
-import safe_files
+from support import safe_files
 import test_smoke
-import tokenizer
-from checkpointing import load_model
+from support import tokenizer
+from support.checkpointing import load_model
 from gpt import GPTModel, generate
 import transformers  # the dev dependency group
 from servers.hub import HubServer

@@ -5,7 +5,7 @@ model.json matches the run's; a mismatch is one line."""
 import torch
 from click.testing import CliRunner
 
-import checkpointing
+from support import checkpointing
 import ddp_train
 from gpt import GPTModel
 from helpers import MODEL, TRAIN, latest, make_run, run_training, write_tiny_checkpoint, write_toy_dataset

@@ -6,8 +6,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 import torch
 
-import tokenizer
-from instruction_data import (IGNORE_INDEX, InstructionDataError, collate, extract_response,
+from support import tokenizer
+from support.instruction_data import (IGNORE_INDEX, InstructionDataError, collate, extract_response,
                               format_prompt, format_training_text, load_records, split_records)
 from servers.local_server import LocalServer
 

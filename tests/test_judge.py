@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-import judge
+from support import judge
 from helpers import free_port
 from servers.judge import JudgeServer
 

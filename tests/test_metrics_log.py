@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import MODEL, TRAIN, copy_run_up_to, make_run, metrics_rows, one_line_error, run_training
-from metrics_log import METRICS_FILE, WANDB_ID_FILE
+from support.metrics import METRICS_FILE, WANDB_ID_FILE
 
 # 2 ranks x 2 micro-steps x 2 sequences x 16 tokens = 128 tokens a global step: 768
 # tokens make 6 steps, checkpoints at 0, 4 and 5, training rows at 0, 3, 4 and 5.

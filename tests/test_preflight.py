@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import checkpointing
+from support import checkpointing
 import ddp_train
 from gpt import GPTModel
-from preflight import INJECT_OOM_VARIABLE, extrapolated_growth, microbatch_advice
+from support.preflight import INJECT_OOM_VARIABLE, extrapolated_growth, microbatch_advice
 
 from helpers import MODEL, PROJECT_ROOT, SCRIPT, TRAIN, make_run, run_training
 

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import prepare_datasets
-import token_data
-import tokenizer
+from support import token_data
+from support import tokenizer
 from prepare_datasets import PrepareError, token_dtype, train_document_count
 
 PROJECT = Path(__file__).resolve().parent.parent

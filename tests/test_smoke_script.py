@@ -1,27 +1,20 @@
 """test_smoke.py run as users run it: a subprocess on a checkpoint file."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import tokenizer
+from support import tokenizer
 from gpt import generate
-from helpers import one_line_error, write_tiny_checkpoint
-from test_smoke import SEPARATOR
+from helpers import SMOKE_SEPARATOR as SEPARATOR, one_line_error, run_script, write_tiny_checkpoint
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=50257, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
               drop_rate=0.0, qkv_bias=False)
 
 
 def run_smoke(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "test_smoke.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return run_script("test_smoke.py", *args)
 
 
 @pytest.fixture(scope="module")

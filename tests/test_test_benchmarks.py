@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import checkpointing
+from support import checkpointing
 import test_benchmarks
-import tokenizer
+from support import tokenizer
 from gpt import GPTModel
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

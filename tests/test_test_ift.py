@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import test_ift
-import tokenizer
+from support import tokenizer
 from gpt import GPTModel, generate
 from helpers import one_line_error, write_tiny_checkpoint
 from servers.judge import JudgeServer

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from devices import default_dtype_name
+from support.devices import default_dtype_name
 from helpers import one_line_error, write_tiny_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from servers.hub import HubServer
-from token_data import DatasetError, load_dataset, open_tokens, resolve_dataset_dir, split_path
+from support.token_data import DatasetError, load_dataset, open_tokens, resolve_dataset_dir, split_path
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,7 @@ def test_local_directories_are_used_as_they_are(tmp_path):
 RESOLVE = """
 import json, os, sys, urllib.request, warnings
 sys.path.insert(0, {project!r})
-import token_data
+from support import token_data
 for index, (dataset, datasets_dir, splits) in enumerate(json.loads(sys.argv[1])):
     try:  # a marker in the server's request log, to tell which call made which requests
         urllib.request.urlopen(os.environ["HF_ENDPOINT"] + f"/__marker__/{{index}}")

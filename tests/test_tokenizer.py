@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-import tokenizer
+from support import tokenizer
 
 
 @pytest.mark.parametrize("text, ids", [

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from command_line import relaunch_command
+from support.command_line import relaunch_command
 from helpers import (PROJECT_ROOT, SCRIPT, TRAIN, environment, latest, make_run, one_line_error,
                      pattern_tokens, run_training)
-from token_data import DatasetError, load_dataset
+from support.token_data import DatasetError, load_dataset
 
 
 def long_dataset(root, name="long", bad_token_at=None):

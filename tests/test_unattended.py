@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import checkpointing
-import devices
-from config import DEFAULT_SEED
+from support import checkpointing
+from support import devices
+from support.config import DEFAULT_SEED
 from helpers import (MODEL, PROJECT_ROOT, TRAIN, copy_run_up_to, environment, final_weights, latest,
                      make_run, metrics_rows, pattern_tokens, run_training, torchrun_command, trained)
 

@@ -28,11 +28,11 @@ import click
 import torch
 import torch.distributed as dist
 
-import devices
-from checkpointing import format_bytes
+from . import devices
+from .checkpointing import format_bytes
 from gpt import GPTModel
-from optimizer import build_optimizer
-from parallel import Ranks, all_reduce_sum, wrap_model
+from .optimizer import build_optimizer
+from .parallel import Ranks, all_reduce_sum, wrap_model
 
 WARMUP_STEPS = 2         # untimed: compilation, kernel selection, AdamW's state, NCCL set-up
 TIMED_STEPS = 5          # --preflight-steps by default

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-import safe_files
-from tokenizer import END_OF_TEXT_ID
+from . import safe_files
+from .tokenizer import END_OF_TEXT_ID
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")

@@ -243,21 +243,3 @@ async def _score_all(settings, prompts, on_verdict):
 def score_all(settings, prompts, on_verdict):
     """Judge every prompt; on_verdict(index, Verdict) is called as each one finishes."""
     asyncio.run(_score_all(settings, prompts, on_verdict))
-
-
-@click.command()
-def main():
-    """The LLM judge of test_ift.py, which has no job of its own as a command.
-
-    test_ift.py asks it to score each answer from 0 to 100, by default through OpenAI's
-    Responses API, or through any server that speaks Chat Completions (Ollama, vLLM,
-    llama.cpp), retrying rate limits and server errors. test_ift.py's --judge-* options
-    choose the judge, and its --responses FILE judges a saved results file again: see
-    `uv run python test_ift.py --help`.
-    """
-    raise click.UsageError("judge.py is the judge module of test_ift.py, not a command: "
-                           "see `uv run python test_ift.py --help`")
-
-
-if __name__ == "__main__":
-    main()

@@ -31,8 +31,8 @@ from pathlib import Path
 import click
 import torch
 
-import safe_files
-from parallel import Ranks, all_reduce_sum
+from . import safe_files
+from .parallel import Ranks, all_reduce_sum
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -54,8 +54,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import safe_files
-from config import MODEL_KEYS, ConfigError, load_model_config
+from . import safe_files
+from .config import MODEL_KEYS, ConfigError, load_model_config
 from gpt import GPTModel
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from safe_files import first_line
+from .safe_files import first_line
 
 LIST_TASKS = "uv run lm-eval ls tasks"
 
@@ -54,8 +54,8 @@ def checked_include_dir(path, label):
 def refuse_without_gpt2_tokenizer(model_config, model_json, context=""):
     """One line (context, if given, first) for a model whose embeddings don't cover
     GPT-2's token ids: lm-eval's tasks are text, and text here is GPT-2's tokens."""
-    import hf_gpt2
-    import tokenizer
+    from . import hf_gpt2
+    from . import tokenizer
 
     if not hf_gpt2.has_gpt2_tokenizer(model_config):
         raise BenchmarkError(
@@ -193,8 +193,8 @@ def load_exported_model(cfg, state_dict, device, dtype_name, batch_size):
     import transformers
     from lm_eval.models.huggingface import HFLM
 
-    import hf_gpt2
-    from devices import TORCH_DTYPES
+    from . import hf_gpt2
+    from .devices import TORCH_DTYPES
 
     with tempfile.TemporaryDirectory(prefix="benchmark-export-") as directory:
         hf_gpt2.write_transformers_model(directory, cfg, state_dict)
@@ -234,7 +234,7 @@ def kept_random_states(device):
 
     import numpy
 
-    from parallel import generator_states, set_generator_states
+    from .parallel import generator_states, set_generator_states
 
     python_state, numpy_state, torch_states = random.getstate(), numpy.random.get_state(), generator_states(device)
     try:

@@ -16,8 +16,8 @@ import time
 import torch
 from tqdm import tqdm
 
-import devices
-from parallel import Ranks, all_reduce_sum
+from . import devices
+from .parallel import Ranks, all_reduce_sum
 
 REFRESH_SECONDS = 1.0   # how often rank 0 reads the loss off the device for the bar
 LOG_LINE_SECONDS = 30.0  # how often a plain line replaces the bar when stderr is no terminal
@@ -28,7 +28,7 @@ class TrainingProgress:
                  start_step: int, total_steps: int, tokens_per_step: int, micro_steps_per_step: int,
                  metrics=None):
         self.micro_steps_per_step = micro_steps_per_step
-        self.metrics = metrics   # metrics_log.MetricsLog, written whenever the bar reads the device
+        self.metrics = metrics   # metrics.MetricsLog, written whenever the bar reads the device
         self.ranks, self.start_step, self.total_steps = ranks, start_step, total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = devices.training_flops_per_token(model_config)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from checkpointing import CheckpointError
-from config import TrainConfig
-from parallel import full_on_cpu
+from .checkpointing import CheckpointError
+from .config import TrainConfig
+from .parallel import full_on_cpu
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device):

@@ -22,9 +22,9 @@ import click
 import torch
 from safetensors.torch import save_file
 
-import checkpointing
-import tokenizer
-from config import read_json_object, validate_model_config
+from . import checkpointing
+from . import tokenizer
+from .config import read_json_object, validate_model_config
 
 GPT2_MODEL_TYPE = "gpt2"
 # The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key

@@ -19,7 +19,7 @@ import click
 import numpy as np
 import torch
 
-import safe_files
+from . import safe_files
 
 TENSOR_NAME = "tokens"
 SPLITS = ("train", "validation")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-import devices
+from . import devices
 
 # Newer torch renamed DDP's broadcast_buffers to forward_sync_buffers (which still syncs
 # once at start-up, harmless for constant buffers).
