@@ -64,5 +64,5 @@ else
 fi
 
 # 3. The project's environment (from uv.lock).
-uv sync
+uv sync --compile-bytecode
 echo "ready: try   uv run torchrun --nproc_per_node=\$(nvidia-smi -L | wc -l) ddp_train.py RUN ./datasets"

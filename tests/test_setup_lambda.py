@@ -75,9 +75,9 @@ def test_installs_then_skips_what_is_done(tmp_path, uid):
                               "sudo apt-get install -y -qq fonts-humor-sans fontconfig"]
     assert any(line.startswith("curl") and "xkcd-script.ttf" in line for line in first)
     assert "fc-cache -f" in first
-    assert first[-1] == "uv sync"
+    assert first[-1] == "uv sync --compile-bytecode"
     assert (tmp_path / "home" / ".local" / "share" / "fonts" / "xkcd-script.ttf").is_file()
     assert not stale.exists()  # matplotlib will rebuild its font list and find the font
 
     second = run(env, log)
-    assert second == ["uv sync"]
+    assert second == ["uv sync --compile-bytecode"]
