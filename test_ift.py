@@ -90,7 +90,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from support.checkpointing import load_model  # noqa: E402
+from support.weights import load_model  # noqa: E402
 from support.devices import autocast, choose_device_and_dtype  # noqa: E402
 from gpt import generate  # noqa: E402
 

@@ -38,7 +38,7 @@ def main(model_config_path, model_safetensors_path, prompt, num_tokens, temperat
     # and --help or a mistyped option should answer at once.
     import torch
 
-    from support.checkpointing import load_model
+    from support.weights import load_model
     from support.devices import resolve_device
     from gpt import generate
 

@@ -1,4 +1,4 @@
-"""Model weights and checkpoint directories on disk.
+"""A run's checkpoint directories: listing, meta.json, saving, pruning, the resume state.
 
 A run's checkpoints keep the original scripts' layout, so existing runs keep working:
 
@@ -22,48 +22,31 @@ of sight first, removed after. Listing skips anything that isn't a complete
 checkpoint, including the leftovers of the original scripts' non-atomic saves.
 
 A failed save (a full disk above all) removes what it wrote before it raises, and
-says in one line what happened: for a full disk, how much the checkpoint needs and how
-much is free, whichever layer (safetensors, torch's zip writer, json) hit it.
-
-Nothing here needs pickle to run code: `.pt` files hold only tensors and plain
-values and are read with `torch.load(..., weights_only=True)`; a damaged one is called
-corrupt, never answered with torch's advice to load it with weights_only=False.
-
-model.safetensors records the model config it was written for in its metadata (JSON
-under "model_config"), so weights are refused by a model.json of another architecture
-even where the tensor shapes agree (another n_heads); files without it still load.
+says in one line what happened (safe_files.write_failure). The weights file itself
+is weights.py's.
 """
 
 import contextlib
 import dataclasses
 import datetime
-import errno
-import fcntl
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import signal
 import time
 from pathlib import Path
 
 import click
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from . import safe_files
-from .config import MODEL_KEYS, ConfigError, load_model_config
-from gpt import GPTModel
+from .weights import CONFIG_METADATA_KEY, MODEL_FILE, CheckpointError, read_torch_file
 
 
-class CheckpointError(click.ClickException):
-    """A missing, corrupt or mismatched weights/checkpoint file; printed as one line, exit 1."""
-
-
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCALER_FILE = "scaler.pt"
 RNG_FILE = "rng_state.pt"
@@ -72,127 +55,37 @@ LINK_NAMES = ("best", "latest")
 PARTIAL_PREFIX = ".partial-"     # a checkpoint being written
 DOOMED_PREFIX = ".deleting-"     # a pruned checkpoint being removed
 NAME_PATTERN = re.compile(r"^(?P<time>\d{8}Z\d{6})-iteration-(?P<step>\d+)$")
-# model.safetensors' metadata key holding the model config (as JSON) the weights were
-# written for; the model.json keys the weights depend on (dropout is no part of them).
-CONFIG_METADATA_KEY = "model_config"
-WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate")
 
 
-def read_weights(path) -> dict:
-    """The tensors of a safetensors file, with errors a user understands."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+# --- which run, which checkpoint ---
+
+def find_run_dir(runs_dir: Path, run: str) -> Path:
+    """runs/RUN, as the original; or RUN itself when it is a path to a run directory."""
+    candidates = [Path(run)] if os.sep in run or run.startswith(".") else [Path(runs_dir) / run, Path(run)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise click.ClickException(
+        f"no run directory {candidates[0]} (a run is a directory holding model.json and train.json)")
 
 
-def check_state_dict(state_dict: dict, shapes: dict, path, may_be_missing=()) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
-
-    `shapes` maps every tensor name of the model to its shape: read off a model, or
-    worked out from its config where building the model just to check would be slow.
-    """
-    for key, shape in shapes.items():
-        if key not in state_dict:
-            if key in may_be_missing:
-                continue
-            raise CheckpointError(f"{path}: tensor '{key}' is missing")
-        if tuple(state_dict[key].shape) != tuple(shape):
-            raise CheckpointError(
-                f"{path}: tensor '{key}' has shape {tuple(state_dict[key].shape)}, "
-                f"but the model config needs {tuple(shape)}"
-            )
-    for key in state_dict:
-        if key not in shapes:
-            raise CheckpointError(f"{path}: unexpected tensor '{key}' for this model config")
-
-
-def model_shapes(model: torch.nn.Module) -> dict:
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-
-
-def weights_model_config(weights_path) -> dict | None:
-    """The model config a safetensors file was written for (kept in its metadata since
-    checkpoints record it), or None for a file without one: the original scripts',
-    import_hf.py's, and ours from before."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    text = metadata.get(CONFIG_METADATA_KEY)
-    if text is None:
-        return None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError:
-        config = None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON object")
-    return config
-
-
-def check_weights_config(weights_path, model_config: dict, model_config_path=None) -> None:
-    """Refuse weights written for another model than `model_config` (read from
-    model_config_path, named in the message). Tensor shapes can't tell every difference:
-    other n_heads over the same emb_dim have the same shapes and give other text."""
-    written_for = weights_model_config(weights_path)
-    if written_for is None:
-        return  # nothing recorded: the shapes are all there is to check
-    for key in WEIGHT_CONFIG_KEYS:
-        if key in written_for and written_for[key] != model_config.get(key):
-            where = model_config_path if model_config_path is not None else "the model"
-            raise CheckpointError(f"{weights_path} was written for {key} {json.dumps(written_for[key])}, "
-                                  f"{where} has {json.dumps(model_config.get(key))}")
-
-
-def load_weights_into(model: GPTModel, weights_path, *, model_config_path=None) -> None:
-    """Load a model.safetensors strictly into `model`, naming the file and tensor on mismatch.
-
-    Weights that record the model config they were written for are refused by a model
-    of another config; model_config_path, the model.json `model` was built from, is named
-    in that message."""
-    state_dict = read_weights(weights_path)
-    if getattr(model, "cfg", None) is not None:
-        check_weights_config(weights_path, model.cfg, model_config_path)
-    # A file without the causal-mask buffers (ours always write them) is still usable.
-    for key, buffer in model.state_dict().items():
-        if key.endswith(".att.mask") and key not in state_dict:
-            state_dict[key] = buffer
-    check_state_dict(state_dict, model_shapes(model), weights_path)
-    model.load_state_dict(state_dict, strict=True)
-
-
-def load_model(model_config_path, weights_path, device="cpu") -> GPTModel:
-    """A GPTModel built from model.json with weights from a safetensors file, in eval mode."""
-    model = GPTModel(load_model_config(model_config_path))
-    load_weights_into(model, weights_path, model_config_path=model_config_path)
-    return model.to(device).eval()
-
-
-def initial_weights_file(run_dir: Path, init_from: str, model_config: dict) -> Path:
-    """train.json's init_from: a model.safetensors (relative paths are relative to the run
-    directory) whose sibling model.json describes the same model as the run's."""
-    weights_path = run_dir / Path(init_from).expanduser()
-    where = f"{run_dir / 'train.json'}: key 'init_from'"
-    if not weights_path.is_file():
-        raise ConfigError(f"{where}: {weights_path} does not exist")
-    their_config = load_model_config(weights_path.parent / "model.json")
-    # drop_rate is no part of the weights: a run may train them with its own.
-    different = [key for key in model_config
-                 if key != "drop_rate" and their_config.get(key) != model_config[key]]
-    if different:
-        key = different[0]
-        raise ConfigError(f"{where}: {weights_path.parent / 'model.json'} has {key} "
-                          f"{their_config.get(key)!r}, {run_dir / 'model.json'} has {model_config[key]!r}; "
-                          f"the weights fit only the model they were written for")
-    return weights_path
+def find_checkpoint_to_resume(checkpoints_dir: Path, name: str | None):
+    """The checkpoint to resume from; None for a fresh run, which must not clobber an old one.
+    `auto` takes the newest complete checkpoint: what `latest` points at, or one a crash
+    left complete before `latest` was moved to it."""
+    if name == "auto":
+        existing = list_checkpoints(checkpoints_dir)
+        return existing[-1] if existing else None
+    if name is not None:
+        return resolve_checkpoint(checkpoints_dir, name)
+    existing = list_checkpoints(checkpoints_dir)
+    if existing:
+        raise click.ClickException(
+            f"{checkpoints_dir} already holds {len(existing)} checkpoint(s), newest "
+            f"{existing[-1].name}: pass `latest` (or another checkpoint) to resume, or move "
+            f"that directory away to start this run again"
+        )
+    return None
 
 
 # --- listing ---
@@ -398,24 +291,24 @@ def run_history(checkpoints_dir, resuming_from: Checkpoint | None = None) -> lis
 
 # --- meta.json ---
 
-def checkpoint_meta(*, global_step: int, train_loss: float, val_loss: float, is_best: bool,
-                    history: list, learning_rate: float, grad_norm: float | None, tokens_seen: int,
-                    world_size: int, gradient_accumulation_steps: int, minibatch_size: int,
-                    context_length: int, dtype: str, seed: int, parallelism: str,
-                    activation_checkpointing: bool) -> dict:
+def checkpoint_meta(training, step: int, train_loss: float, val_loss: float, is_best: bool,
+                    learning_rate: float, grad_norm: float | None) -> dict:
     """What a checkpoint's meta.json says. The original scripts wrote the first four
     keys (their readers need only those); the rest lets a resume check that it
     continues the same run (`check_resumable`), the chart survive pruning (history:
     one {global_step, train_loss, val_loss, is_best} point per checkpoint), and a
-    person see how the checkpoint was trained."""
+    person see how the checkpoint was trained. `training` is the session
+    (support/training.py), its history already holding this checkpoint's point."""
+    config = training.config
     return {
-        "train_loss": train_loss, "val_loss": val_loss, "global_step": global_step,
-        "is_best": is_best, "tokens_seen": tokens_seen, "learning_rate": learning_rate,
-        "grad_norm": grad_norm, "world_size": world_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "minibatch_size": minibatch_size, "context_length": context_length,
-        "dtype": dtype, "seed": seed, "history": history, "parallelism": parallelism,
-        "activation_checkpointing": activation_checkpointing,
+        "train_loss": train_loss, "val_loss": val_loss, "global_step": step,
+        "is_best": is_best, "tokens_seen": (step + 1) * training.tokens_per_step, "learning_rate": learning_rate,
+        "grad_norm": grad_norm, "world_size": training.ranks.world_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "minibatch_size": config.minibatch_size, "context_length": training.model_config["context_length"],
+        "dtype": training.dtype_name, "seed": config.seed, "history": training.history,
+        "parallelism": "fsdp" if training.model.sharded else "ddp",
+        "activation_checkpointing": config.activation_checkpointing,
     }
 
 
@@ -445,38 +338,6 @@ def check_resumable(checkpoint: Checkpoint, *, world_size: int, gradient_accumul
             f"{path}: written by {their_ranks} rank(s) x {their_steps} accumulation step(s), this "
             f"run has {world_size} x {gradient_accumulation_steps}; resuming would skip or repeat "
             f"training batches: {advice}")
-
-
-# --- one trainer per run ---
-
-LOCK_FILE = ".training.lock"
-
-
-def lock_run(run_dir):
-    """Hold run_dir's lock for as long as the returned file stays open: the trainer's
-    global rank 0 does, for the whole run. Two trainers in one run directory (a resume
-    started beside a job still running, or its orphaned ranks) would write a checkpoint
-    each for every step and flip best and latest between them. The kernel releases the
-    lock when the process dies, so a crash never leaves a stale one."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        file = open(path, "a+", encoding="utf-8")
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot open the run's lock file ({error.strerror})") from None
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        raise CheckpointError(f"{run_dir} is being trained by {holder}; two trainers would write "
-                              f"over each other's checkpoints: stop that one first") from None
-    file.seek(0)
-    file.truncate()
-    file.write(f"pid {os.getpid()} on {socket.gethostname()}, "
-               f"started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
-    file.flush()
-    return file
 
 
 # --- writing ---
@@ -562,7 +423,8 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
         if name is not None:
             _take_back(checkpoints_dir, name)
         needed = estimated_checkpoint_bytes(tensors, optimizer_state, scaler_state, rng_state, meta)
-        raise _write_error(checkpoints_dir, name, global_step, error, writing["file"], needed) from None
+        what = f"checkpoint{f' {name}' if name else ''} of step {global_step}"
+        raise CheckpointError(safe_files.write_failure(checkpoints_dir, what, error, writing["file"], needed)) from None
     return Checkpoint(name, final, global_step, meta)
 
 
@@ -586,54 +448,6 @@ def _take_back(checkpoints_dir: Path, name: str) -> None:
     shutil.rmtree(checkpoints_dir / f"{PARTIAL_PREFIX}{name}", ignore_errors=True)
 
 
-# errno values that mean the checkpoint did not fit, and how to say so
-_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-
-
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError with an errno behind an error: torch's zip writer raises its own
-    RuntimeError ("unexpected pos ...") with the OSError of the failed write as context."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _errno_of(error: BaseException) -> int | None:
-    os_error = _os_error_in(error)
-    if os_error is not None:
-        return os_error.errno
-    # safetensors writes from Rust: "I/O error: No space left on device (os error 28)".
-    found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(error))
-    return int(found[1] or found[2]) if found else None
-
-
-def _free_bytes(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def _write_error(checkpoints_dir: Path, name, global_step, error, file, needed: int) -> CheckpointError:
-    what = f"checkpoint{f' {name}' if name else ''} of step {global_step}"
-    code = _errno_of(error)
-    free = _free_bytes(checkpoints_dir)  # measured after the take-back: what a retry would have
-    # An error with no errno anywhere (a writer that lost it) is a full disk when the
-    # checkpoint does not fit in what is free.
-    if code in _NO_SPACE or (code is None and free < needed):
-        reason = _NO_SPACE.get(code, _NO_SPACE[errno.ENOSPC])
-        return CheckpointError(f"{checkpoints_dir}: {reason} for {what} "
-                               f"(needs about {format_bytes(needed)}, {format_bytes(free)} free)")
-    # What the system said ("File too large"), not the writer's wrapping of it.
-    detail = os.strerror(code) if code is not None else safe_files.first_line(error)
-    if file is not None:
-        detail = f"{file}: {detail}"
-    return CheckpointError(f"{checkpoints_dir}: could not write {what} ({detail})")
-
-
 def estimated_checkpoint_bytes(tensors: dict, optimizer_state: dict, scaler_state: dict,
                                rng_state: dict | None, meta: dict) -> int:
     """About what a checkpoint of these states takes on disk: every tensor's bytes, a
@@ -650,16 +464,6 @@ def estimated_checkpoint_bytes(tensors: dict, optimizer_state: dict, scaler_stat
     files = [tensors, optimizer_state, scaler_state] + ([rng_state] if rng_state is not None else [])
     return (sum(state_bytes(state) + 1024 for state in files)
             + len(json.dumps(meta, indent=2).encode("utf-8")))
-
-
-def format_bytes(count: int) -> str:
-    """12874304 -> '12.9 MB' (decimal units, as df -H and file managers show them)."""
-    if count < 1000:
-        return f"{count} bytes"
-    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
-        if round(count / scale, 1) < 1000:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count / 1e12:.1f} TB"
 
 
 def checkpoint_bytes(checkpoint: Checkpoint) -> int:
@@ -683,7 +487,7 @@ def low_space_warning(checkpoints_dir) -> str | None:
         return None  # the save itself will say what is wrong
     if free >= size:
         return None
-    return (f"warning: {checkpoints_dir}: {format_bytes(free)} free, less than the {format_bytes(size)} "
+    return (f"warning: {checkpoints_dir}: {safe_files.format_bytes(free)} free, less than the {safe_files.format_bytes(size)} "
             f"of the newest checkpoint {newest.name}; the next checkpoint will probably not fit")
 
 
@@ -763,40 +567,6 @@ class ResumeState:
     optimizer_state: dict
     scaler_state: dict
     rng_state: dict | None   # None for checkpoints written by the original scripts
-
-
-CORRUPT_FILE = "not a valid checkpoint file (corrupt or truncated)"
-# torch's words for a pickled class outside weights_only's allow-list.
-_DISALLOWED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
-
-
-def read_torch_file(path) -> object:
-    """A .pt file of tensors and plain values, loaded without running any pickled code.
-
-    torch's own errors for a damaged file advise loading it with weights_only=False,
-    which for a corrupt file is pointless and for a tampered one runs its code: they
-    are never passed on. A corrupt or truncated file is called that; a well-formed one
-    holding a pickled class (which ours never hold) is refused, naming the class."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        # Random bytes: an UnpicklingError; a truncated zip: OSError EINVAL or a miniz
-        # RuntimeError; an empty file: EOFError. Only a failing disk is no corruption.
-        if isinstance(error, OSError) and error.errno == errno.EIO:
-            raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
-        disallowed = _DISALLOWED_GLOBAL.search(str(error))
-        if disallowed:
-            raise CheckpointError(f"{path}: holds a pickled {disallowed[1]}, which checkpoint files "
-                                  f"never hold; refused, as loading it could run code") from None
-        raise CheckpointError(f"{path}: {CORRUPT_FILE}") from None
 
 
 def read_resume_state(checkpoint: Checkpoint) -> ResumeState:

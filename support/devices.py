@@ -33,6 +33,35 @@ def choose_device_and_dtype(device_name: str | None, dtype_name: str | None):
     return device, dtype_name or default_dtype_name(device)
 
 
+def training_dtype(train_json, config, device: torch.device) -> str:
+    """The precision a run trains in: train.json's `dtype`, else the device's default;
+    a choice the device or the parallelism can't train in is a ConfigError naming the key."""
+    from .config import ConfigError
+
+    try:
+        _, dtype_name = choose_device_and_dtype(str(device), config.dtype)
+    except ValueError:
+        raise ConfigError(f"{train_json}: key 'dtype' is \"bf16\", which {device} "
+                          f"does not support; use \"fp16\" or \"fp32\"") from None
+    # FSDP mixes precision by its own policy, without a (sharded) gradient scaler.
+    if config.parallelism == "fsdp" and dtype_name == "fp16":
+        raise ConfigError(f"{train_json}: key 'parallelism' is \"fsdp\", which trains in "
+                          f"bf16 or fp32 only, and {device} does not support bf16: set \"dtype\": "
+                          f"\"fp32\", or use \"parallelism\": \"ddp\"")
+    return dtype_name
+
+
+def to_device(batch, device: torch.device):
+    """A batch's (inputs, targets) on the training device."""
+    inputs, targets = batch
+    if device.type == "cuda":
+        # Page-locked host memory lets the copy run asynchronously, overlapping the
+        # previous step's kernels instead of stalling the host.
+        return (inputs.pin_memory().to(device, non_blocking=True),
+                targets.pin_memory().to(device, non_blocking=True))
+    return inputs.to(device), targets.to(device)
+
+
 def distributed_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

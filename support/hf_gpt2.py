@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from . import checkpointing
+
+from .weights import check_state_dict, check_weights_config, read_weights
 from . import tokenizer
 from .config import read_json_object, validate_model_config
 
@@ -221,7 +223,7 @@ def check_our_tensors(state_dict, cfg, path):
     """
     shapes = our_shapes(cfg)
     masks = {name for name in shapes if name.endswith(".att.mask")}
-    checkpointing.check_state_dict(state_dict, shapes, path, may_be_missing=masks)
+    check_state_dict(state_dict, shapes, path, may_be_missing=masks)
 
 
 # --- a checkpoint in, a transformers directory out ---
@@ -242,8 +244,8 @@ def read_exportable_checkpoint(model_config_path, weights_path):
                 "exported as a transformers GPT2LMHeadModel"
             )
     # Weights that record their model config are refused by another model.json.
-    checkpointing.check_weights_config(weights_path, cfg, model_config_path)
-    weights = checkpointing.read_weights(weights_path)
+    check_weights_config(weights_path, cfg, model_config_path)
+    weights = read_weights(weights_path)
     check_our_tensors(weights, cfg, weights_path)
     return cfg, weights
 

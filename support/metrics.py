@@ -17,6 +17,15 @@ set) the mean norm before clipping and `clipped_fraction` the share of those ste
 norm was clipped. On CUDA `cuda_max_allocated_bytes` replaces `cpu_rss_bytes`. A benchmark
 row (train.json's benchmark_tasks; see benchmark_scores.py) holds lm-eval's scores of the
 checkpoint of its step, as TASK/METRIC keys.
+
+One path for these numbers. StepMetrics, on every rank, sums each step's loss (and
+gradient norm) on the device and closes a row every log_interval steps and at each
+checkpoint, the row's loss summed over the ranks by a one-number all-reduce queued on
+the device like the gradients' before it: no host wait. Global rank 0 reads the closed
+rows off the device in one transfer when the progress bar refreshes (about once a
+second), at checkpoints and at the end, and hands each row to its sinks: metrics.jsonl,
+TensorBoard, W&B. The progress bar shows the same rows, and a checkpoint's train loss is
+their mean since the checkpoint before.
 """
 
 import dataclasses
@@ -31,8 +40,8 @@ from pathlib import Path
 import click
 import torch
 
-from . import safe_files
-from .parallel import Ranks, all_reduce_sum
+from . import devices, safe_files
+from .parallel import all_reduce_sum, main_rank_first
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -94,83 +103,50 @@ def memory_in_use(device: torch.device) -> dict:
         return {}
 
 
-class MetricsLog:
-    """Collects the training rows on the device as the steps go, and (global rank 0)
-    writes them to metrics.jsonl, TensorBoard and W&B whenever the host reads them anyway.
+class StepMetrics:
+    """The per-step numbers of a training session, accumulated on the device (every rank),
+    and the rows made of them (global rank 0), which the progress bar shows and the sinks
+    write. `training` is the session (support/training.py); sinks only on rank 0."""
 
-    Every rank calls `step_done` each step; at the end of a row's steps the row's loss
-    sum is all-reduced (a one-number collective, queued on the device like the gradient
-    all-reduce before it: no host wait). Only `write_rows` reads the device, and the
-    training loop calls it when the progress bar refreshes (about once a second), at
-    checkpoints and at the end, so logging every step costs no synchronisation.
-    """
-
-    def __init__(self, *, run_dir: Path, ranks: Ranks, device: torch.device, config, model_config: dict,
-                 tokens_per_step: int, micro_batches_per_step: int, row_ends_at):
-        self.run_dir, self.ranks, self.device, self.config = Path(run_dir), ranks, device, config
-        self.tokens_per_step, self.micro_batches_per_step = tokens_per_step, micro_batches_per_step
-        self.row_ends_at = row_ends_at            # step -> True where a training row ends
-        self.path = self.run_dir / METRICS_FILE
-        self.file = self.tensorboard = self.wandb_run = None
-        self.model_config = model_config
-        # The open row, on the device: its steps' local loss sum, norm sum and clip count.
-        self.row_loss = torch.zeros((), device=device)
-        self.row_norm = torch.zeros((), device=device)
-        self.row_clipped = torch.zeros((), device=device)
+    def __init__(self, training, sinks=(), elapsed_before: float = 0.0):
+        self.training, self.ranks, self.device = training, training.ranks, training.device
+        self.grad_clip = training.config.grad_clip
+        self.flops_per_token = devices.training_flops_per_token(training.model_config)
+        # The peak MFU is measured against: rank 0 alone reports MFU.
+        self.peak_flops, self.peak_source = (devices.mfu_peak_flops(training.device, training.dtype_name)
+                                             if training.ranks.is_main else (None, None))
+        self.sinks = list(sinks)
+        # The open row, on the device: this rank's loss sum, norm sum and clipped count.
+        self.row_loss = torch.zeros((), device=self.device)
+        self.row_norm = torch.zeros((), device=self.device)
+        self.row_clipped = torch.zeros((), device=self.device)
         self.row_steps = 0
-        # Closed rows not yet written: (step, steps, loss sum, norm sum, clipped, lr, seconds)
+        # Closed rows not read yet (rank 0): (step, steps, loss sum over ranks, norm sum, clipped, lr, time)
         self.pending = []
-        self.elapsed_before = 0.0     # elapsed_seconds of the run before this session
+        self.elapsed_before = elapsed_before   # elapsed_seconds of the run before this session
         self.started = time.monotonic()
-        self.window = (self.started, None)   # (time, step) of the previous write
+        self.window = (self.started, None)     # (time, step) of the previous read
+        # This rank's loss since the last checkpoint, on the device, for the checkpoint's train loss.
+        self.checkpoint_loss = torch.zeros((), device=self.device)
+        self.checkpoint_steps = 0
 
-    # --- start-up (global rank 0) ---
+    def row_ends_at(self, step: int) -> bool:
+        # Rows also end at every checkpoint, so that a resumed run logs the rows an
+        # uninterrupted one does.
+        return step % self.training.config.log_interval == 0 or self.training.checkpoint_due(step)
 
-    def open(self, resumed_from=None, history=(), checkpoint_names=None) -> list[str]:
-        """Prepare metrics.jsonl for this session and start the enabled loggers; returns
-        lines to print. A resume first drops the rows past its checkpoint's step."""
-        notes = []
-        resume_step = None if resumed_from is None else resumed_from.global_step
-        # The loggers that can fail start first, so that a failure leaves the log as it was.
-        if self.config.tensorboard:
-            self.tensorboard = start_tensorboard(self.run_dir / "tensorboard", resume_step)
-        if self.config.wandb_project is not None:
-            self.wandb_run = start_wandb(self.run_dir, self.config, self.model_config)
-        rows, bad_lines = read_metrics(self.path)
-        if resume_step is None and any(row.get("kind") == "validation" for row in rows):
-            # A fresh start beside the log of a run whose checkpoints were moved away:
-            # that log goes with them, so keep it, aside. (Rows of a session that crashed
-            # before its first checkpoint are simply dropped below.)
-            aside = self.path.with_name(f"{METRICS_FILE}.{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(self.path, aside)
-            notes.append(f"{self.path}: kept the earlier run's log as {aside.name}")
-            rows, bad_lines = [], []
-        elif bad_lines:
-            aside = self.path.with_name(f"{METRICS_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(self.path, aside)
-            notes.append(f"warning: {self.path} line {bad_lines[0]} is not a metrics row"
-                         f"{f' ({len(bad_lines)} such lines)' if len(bad_lines) > 1 else ''}: rewritten "
-                         f"from the checkpoints' history, the old file kept as {aside.name}")
-            rows = history_rows(history, checkpoint_names or {})
-        kept = [row for row in rows if resume_step is not None and row["step"] <= resume_step]
-        if resume_step is not None and history and not any(
-                row.get("kind") == "validation" and row["step"] == resume_step for row in kept):
-            # The crash came between writing the checkpoint and logging it.
-            kept += history_rows([history[-1]], {resume_step: resumed_from.name})
-        if kept != rows or bad_lines or (kept and not self.path.exists()):
-            safe_files.write_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        trained = [row for row in kept if row.get("kind") == "train" and "elapsed_seconds" in row]
-        self.elapsed_before = trained[-1]["elapsed_seconds"] if trained else 0.0
-        self.file = open(self.path, "a", encoding="utf-8")
-        return notes
+    def mfu(self, tokens_per_second: float) -> float:
+        return tokens_per_second / self.ranks.world_size * self.flops_per_token / self.peak_flops
 
-    # --- every step (every rank) ---
+    # --- every step (every rank): device work only ---
 
     def step_done(self, step: int, step_loss: torch.Tensor, learning_rate: float, grad_norm) -> None:
+        self.checkpoint_loss += step_loss
+        self.checkpoint_steps += 1
         self.row_loss += step_loss
         if grad_norm is not None:
             self.row_norm += grad_norm
-            self.row_clipped += grad_norm > self.config.grad_clip
+            self.row_clipped += grad_norm > self.grad_clip
         self.row_steps += 1
         if not self.row_ends_at(step):
             return
@@ -183,73 +159,201 @@ class MetricsLog:
         self.row_clipped.zero_()
         self.row_steps = 0
 
-    # --- writing (global rank 0) ---
+    # --- reading the rows (global rank 0) ---
 
-    def write_rows(self, peak_flops: float, flops_per_token: float) -> None:
-        """Read the closed rows off the device (one transfer) and write them."""
+    def read_rows(self) -> dict | None:
+        """Read the closed rows off the device (one transfer), write them to the sinks,
+        and return what the bar shows of them (the mean loss and gradient norm over their
+        steps, the last learning rate, tokens/s and MFU); None when there were none."""
         if not self.ranks.is_main or not self.pending:
-            return
+            return None
         numbers = torch.stack([torch.stack([loss, norm, clipped]) for _, _, loss, norm, clipped, _, _ in self.pending])
         now = time.monotonic()
         window_start, window_step = self.window
         first_step = self.pending[0][0] - self.pending[0][1] + 1 if window_step is None else window_step + 1
         last_step = self.pending[-1][0]
-        # Speed is measured over the whole window since the last write: single rows are
+        # Speed is measured over the whole window since the last read: single rows are
         # timed on the host, which runs ahead of the device.
-        tokens_per_second = (last_step - first_step + 1) * self.tokens_per_step / max(now - window_start, 1e-9)
+        tokens_per_second = (last_step - first_step + 1) * self.training.tokens_per_step / max(now - window_start, 1e-9)
         memory = memory_in_use(self.device)
-        for (step, steps, *_, learning_rate, seen_at), (loss, norm, clipped) in zip(self.pending, numbers.tolist()):
-            row = {"kind": "train", "step": step, "loss": loss / (steps * self.micro_batches_per_step),
+        micro_batches = self.training.micro_batches_per_step
+        loss_sum = norm_sum = 0.0
+        steps = 0
+        for (step, row_steps, *_, learning_rate, seen_at), (loss, norm, clipped) in zip(self.pending,
+                                                                                     numbers.tolist()):
+            row = {"kind": "train", "step": step, "loss": loss / (row_steps * micro_batches),
                    "learning_rate": learning_rate}
-            if self.config.grad_clip is not None:
-                row["grad_norm"] = norm / steps
-                row["clipped_fraction"] = clipped / steps
-            row.update(tokens_per_second=tokens_per_second,
-                       mfu=tokens_per_second / self.ranks.world_size * flops_per_token / peak_flops,
-                       tokens_seen=(step + 1) * self.tokens_per_step,
+            if self.grad_clip is not None:
+                row["grad_norm"] = norm / row_steps
+                row["clipped_fraction"] = clipped / row_steps
+            row.update(tokens_per_second=tokens_per_second, mfu=self.mfu(tokens_per_second),
+                       tokens_seen=(step + 1) * self.training.tokens_per_step,
                        elapsed_seconds=round(self.elapsed_before + seen_at - self.started, 3), **memory)
             self.write(row)
+            loss_sum, norm_sum, steps = loss_sum + loss, norm_sum + norm, steps + row_steps
         self.pending.clear()
         self.window = (now, last_step)
-        self.file.flush()
+        for sink in self.sinks:
+            sink.flush()
+        shown = {"loss": loss_sum / (steps * micro_batches), "learning_rate": learning_rate,
+                 "tokens_per_second": tokens_per_second, "mfu": self.mfu(tokens_per_second)}
+        if self.grad_clip is not None:
+            shown["grad_norm"] = norm_sum / steps
+        return shown
 
-    def checkpoint_written(self, step: int, train_loss: float, val_loss: float, is_best: bool, name: str) -> None:
-        """The validation row, and the log made durable up to this checkpoint."""
-        if not self.ranks.is_main:
-            return
-        self.write_now({"kind": "validation", "step": step, "train_loss": train_loss, "val_loss": val_loss,
-                        "is_best": is_best, "checkpoint": name})
+    def take_train_loss(self) -> float:
+        """A checkpoint's train loss: the mean over every rank and micro-step of the steps
+        since the previous checkpoint (a collective: every rank calls it, and gets it)."""
+        self.read_rows()
+        total = all_reduce_sum(self.checkpoint_loss.clone(), self.ranks).item()
+        train_loss = total / (self.checkpoint_steps * self.training.micro_batches_per_step)
+        self.checkpoint_loss.zero_()
+        self.checkpoint_steps = 0
+        return train_loss
+
+    def training_resumes(self, step: int) -> None:
+        """After checkpoint `step`: the next tokens/s leave out the time spent validating,
+        saving and drawing."""
+        self.window = (time.monotonic(), step)
+
+    # --- the sinks (global rank 0) ---
+
+    def write(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.write(row)
 
     def write_now(self, row: dict) -> None:
         """A row written at once and made durable (global rank 0): a checkpoint's."""
         self.write(row)
-        safe_files.flush_to_disk(self.file)
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
+        for sink in self.sinks:
+            sink.flush(durable=True)
 
-    def training_resumes(self, step: int) -> None:
-        """The next rows' speed counts from here, not from before validating, saving and
-        drawing the charts at checkpoint `step`."""
-        self.window = (time.monotonic(), step)
+    def close(self) -> None:
+        self.read_rows()
+        for sink in self.sinks:
+            sink.close()
+
+
+def row_scalars(row: dict) -> dict:
+    """A row's numbers, named KIND/KEY (train/loss, benchmark/hellaswag/acc_norm), for the
+    loggers that plot scalars."""
+    return {f"{row['kind']}/{key}": value for key, value in row.items()
+            if key not in ("kind", "step", "checkpoint") and isinstance(value, (int, float))}
+
+
+class JsonlSink:
+    """metrics.jsonl, appended to."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
-        scalars = {key: value for key, value in row.items()
-                   if key not in ("kind", "step", "checkpoint") and isinstance(value, (int, float))}
-        group = row["kind"]   # train/..., validation/..., benchmark/hellaswag/acc_norm
-        if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(f"{group}/{key}", float(value), row["step"])
-        if self.wandb_run is not None:
-            self.wandb_run.log({"global_step": row["step"], **{f"{group}/{key}": value for key, value in scalars.items()}})
+
+    def flush(self, durable: bool = False) -> None:
+        if durable:
+            safe_files.flush_to_disk(self.file)
+        else:
+            self.file.flush()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self.file.close()
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path, resume_step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MetricsError(f"{log_dir}: can't create the TensorBoard directory ({error.strerror})") from None
+        # purge_step hides the events a crashed session wrote past the checkpoint resumed from.
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, row: dict) -> None:
+        for name, value in row_scalars(row).items():
+            self.writer.add_scalar(name, float(value), row["step"])
+
+    def flush(self, durable: bool = False) -> None:
+        if durable:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, run):
+        self.run = run
+
+    def write(self, row: dict) -> None:
+        self.run.log({"global_step": row["step"], **row_scalars(row)})
+
+    def flush(self, durable: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def start_metrics(training, checkpoint_names: dict) -> tuple[StepMetrics, list[str]]:
+    """The session's StepMetrics, with metrics.jsonl (and TensorBoard, W&B) made ready by
+    global rank 0 and the lines to print about it. A resume first drops the rows a crashed
+    session wrote past its checkpoint. Every rank calls this; a failure is one line on all."""
+    opened = main_rank_first(lambda: open_sinks_on_main_rank(training, checkpoint_names), training.ranks,
+                             MetricsError)
+    sinks, notes, elapsed_before = opened if opened is not None else ([], [], 0.0)
+    return StepMetrics(training, sinks, elapsed_before), notes
+
+
+def open_sinks_on_main_rank(training, checkpoint_names: dict):
+    """(sinks, notes, elapsed_before): metrics.jsonl prepared for this session, and the
+    enabled loggers started. The loggers that can fail start first, so that a failure
+    leaves the log as it was."""
+    config, run_dir, resumed_from = training.config, training.run_dir, training.resumed_from
+    resume_step = None if resumed_from is None else resumed_from.global_step
+    sinks = []
+    if config.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
+    if config.wandb_project is not None:
+        sinks.append(WandbSink(start_wandb(run_dir, config, training.model_config)))
+    path = run_dir / METRICS_FILE
+    notes, kept = prepare_metrics_file(path, resumed_from, training.history, checkpoint_names)
+    trained = [row for row in kept if row.get("kind") == "train" and "elapsed_seconds" in row]
+    elapsed_before = trained[-1]["elapsed_seconds"] if trained else 0.0
+    return [JsonlSink(path)] + sinks, notes, elapsed_before
+
+
+def prepare_metrics_file(path: Path, resumed_from, history, checkpoint_names: dict) -> tuple[list[str], list[dict]]:
+    """Make metrics.jsonl hold the rows up to the checkpoint this session resumes from (none
+    for a fresh start); returns the lines to print and the rows kept."""
+    notes = []
+    resume_step = None if resumed_from is None else resumed_from.global_step
+    rows, bad_lines = read_metrics(path)
+    if resume_step is None and any(row.get("kind") == "validation" for row in rows):
+        # A fresh start beside the log of a run whose checkpoints were moved away:
+        # that log goes with them, so keep it, aside. (Rows of a session that crashed
+        # before its first checkpoint are simply dropped below.)
+        aside = path.with_name(f"{METRICS_FILE}.{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        notes.append(f"{path}: kept the earlier run's log as {aside.name}")
+        rows, bad_lines = [], []
+    elif bad_lines:
+        aside = path.with_name(f"{METRICS_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        notes.append(f"warning: {path} line {bad_lines[0]} is not a metrics row"
+                     f"{f' ({len(bad_lines)} such lines)' if len(bad_lines) > 1 else ''}: rewritten "
+                     f"from the checkpoints' history, the old file kept as {aside.name}")
+        rows = history_rows(history, checkpoint_names)
+    kept = [row for row in rows if resume_step is not None and row["step"] <= resume_step]
+    if resume_step is not None and history and not any(
+            row.get("kind") == "validation" and row["step"] == resume_step for row in kept):
+        # The crash came between writing the checkpoint and logging it.
+        kept += history_rows([history[-1]], {resume_step: resumed_from.name})
+    if kept != rows or bad_lines or (kept and not path.exists()):
+        safe_files.write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return notes, kept
 
 
 def history_rows(history, checkpoint_names: dict) -> list[dict]:
@@ -257,17 +361,6 @@ def history_rows(history, checkpoint_names: dict) -> list[dict]:
     return [{"kind": "validation", "step": point["global_step"], "train_loss": point["train_loss"],
              "val_loss": point["val_loss"], "is_best": bool(point.get("is_best")),
              "checkpoint": checkpoint_names.get(point["global_step"])} for point in history]
-
-
-def start_tensorboard(log_dir: Path, resume_step):
-    from torch.utils.tensorboard import SummaryWriter
-
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MetricsError(f"{log_dir}: can't create the TensorBoard directory ({error.strerror})") from None
-    # purge_step hides the events a crashed session wrote past the checkpoint resumed from.
-    return SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
 
 
 WANDB_ID_FILE = "wandb-run-id"

@@ -44,6 +44,16 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
         1.0 + math.cos(math.pi * progress))
 
 
+def clip_gradients(model, optimizer, scaler, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm (unscaled first, under fp16); returns the norm
+    before clipping, as a device tensor. `model` is a parallel.WrappedModel."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_norm)
+    if model.sharded:  # FSDP: a DTensor, the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
 def set_learning_rate(optimizer, learning_rate: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate

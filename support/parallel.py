@@ -21,16 +21,19 @@ import inspect
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
+import click
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from . import devices
+from .safe_files import first_line
 
 # Newer torch renamed DDP's broadcast_buffers to forward_sync_buffers (which still syncs
 # once at start-up, harmless for constant buffers).
@@ -98,6 +101,53 @@ def _watch_parent(launcher_pid: int) -> None:
     while os.getppid() == launcher_pid:
         time.sleep(1)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def training_device(name: str | None, ranks: Ranks) -> torch.device:
+    """The device this rank trains on: --device (default: cuda, else mps, else cpu), and on
+    CUDA the GPU its local rank picks."""
+    try:
+        device = devices.resolve_device(name)
+    except (ValueError, RuntimeError) as error:
+        raise click.ClickException(f"--device: {error}") from None
+    if device.type == "cuda":
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local_world_size > torch.cuda.device_count():
+            raise click.ClickException(
+                f"{local_world_size} processes per node but only {torch.cuda.device_count()} "
+                f"CUDA device(s) visible: use --nproc_per_node={torch.cuda.device_count()} or fewer"
+            )
+        device = torch.device("cuda", ranks.local_rank)
+    if device.type == "mps" and ranks.world_size > 1:
+        raise click.ClickException("MPS trains in a single process: use --nproc_per_node=1, or --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def one_line_per_failure(ranks: Ranks, interrupted_hint: str | None = None):
+    """How a rank ends on a mistake, a Ctrl-C or a lost peer: one line, no traceback.
+
+    A user mistake (a ClickException) is printed by each node's local rank 0 alone and
+    handed to torchrun, whose failure summary then names it as the root cause; a Ctrl-C
+    prints interrupted_hint (the command that resumes) and exits 130; a rank that only saw
+    another rank's connection drop says so in one line, since that rank said why."""
+    try:
+        yield
+    except click.ClickException as error:
+        report_to_launcher(error.format_message())
+        if ranks.local_rank != 0:
+            raise SystemExit(error.exit_code) from None
+        raise
+    except KeyboardInterrupt:
+        if ranks.local_rank == 0 and interrupted_hint:
+            print(f"\ninterrupted: {interrupted_hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if ranks.rank == 0 or not lost_a_peer(error):
+            raise
+        print(f"rank {ranks.rank}: stopped, another rank failed ({first_line(error)})", file=sys.stderr)
+        report_to_launcher(f"stopped: another rank failed ({first_line(error)})")
+        raise SystemExit(1) from None
 
 
 def report_to_launcher(message: str) -> None:

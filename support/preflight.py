@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import devices
-from .checkpointing import format_bytes
+from .safe_files import format_bytes
 from gpt import GPTModel
 from .optimizer import build_optimizer
 from .parallel import Ranks, all_reduce_sum, wrap_model
@@ -354,6 +354,9 @@ class RepeatedRows:
     def __init__(self, batches, size: int):
         self.batches, self.size = batches, size
         self.batches_per_trial_batch = math.ceil(size / batches.batch_size)
+
+    def __len__(self):
+        return len(self.batches)
 
     def __getitem__(self, index: int):
         first = index * self.batches_per_trial_batch

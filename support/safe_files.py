@@ -10,12 +10,20 @@ Every writer here follows the same few rules:
     (0o666 and 0o777 less the umask), even where tempfile or safetensors make them
     owner-only: a server run by another user must be able to read our output.
 
+Also here: the run lock (one trainer per run directory) and the one-line reason a write
+failed (a full disk above all).
+
 Light on purpose (no torch, nothing of ours): every script can use it.
 """
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -164,3 +172,99 @@ def first_line(error: BaseException) -> str:
     script's error is one line on stderr."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# --- one trainer per run ---
+
+LOCK_FILE = ".training.lock"
+
+
+def lock_run(run_dir):
+    """Hold run_dir's lock for as long as the returned file stays open: the trainer's
+    global rank 0 does, for the whole run. Two trainers in one run directory (a resume
+    started beside a job still running, or its orphaned ranks) would write a checkpoint
+    each for every step and flip best and latest between them. The kernel releases the
+    lock when the process dies, so a crash never leaves a stale one."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        file = open(path, "a+", encoding="utf-8")
+    except OSError as error:
+        raise click.ClickException(f"{path}: cannot open the run's lock file ({error.strerror})") from None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise click.ClickException(f"{run_dir} is being trained by {holder}; two trainers would write "
+                              f"over each other's checkpoints: stop that one first") from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on {socket.gethostname()}, "
+               f"started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    file.flush()
+    return file
+
+
+# --- a write that failed: saying why in one line ---
+
+def format_bytes(count: int) -> str:
+    """12874304 -> '12.9 MB' (decimal units, as df -H and file managers show them)."""
+    if count < 1000:
+        return f"{count} bytes"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(count / scale, 1) < 1000:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e12:.1f} TB"
+
+
+# errno values that mean the write did not fit, and how to say so
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError with an errno behind an error: torch's zip writer raises its own
+    RuntimeError ("unexpected pos ...") with the OSError of the failed write as context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _errno_of(error: BaseException) -> int | None:
+    os_error = _os_error_in(error)
+    if os_error is not None:
+        return os_error.errno
+    # safetensors writes from Rust: "I/O error: No space left on device (os error 28)".
+    found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(error))
+    return int(found[1] or found[2]) if found else None
+
+
+def free_bytes(path) -> int:
+    """Free bytes on the file system that holds path (or would: its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_failure(directory: Path, what: str, error: BaseException, file=None, needed: int = 0) -> str:
+    """One line saying why writing `what` into directory failed: for a full disk (or a
+    full quota) how much it needs and how much is free, whichever layer hit it
+    (safetensors, torch's zip writer, json); else what the system said, naming `file`.
+    Call it after removing what the failed write left: the free space is a retry's."""
+    code = _errno_of(error)
+    free = free_bytes(directory)
+    # An error with no errno anywhere (a writer that lost it) is a full disk when the
+    # write does not fit in what is free.
+    if code in _NO_SPACE or (code is None and free < needed):
+        reason = _NO_SPACE.get(code, _NO_SPACE[errno.ENOSPC])
+        return f"{directory}: {reason} for {what} (needs about {format_bytes(needed)}, {format_bytes(free)} free)"
+    # What the system said ("File too large"), not the writer's wrapping of it.
+    detail = os.strerror(code) if code is not None else first_line(error)
+    if file is not None:
+        detail = f"{file}: {detail}"
+    return f"{directory}: could not write {what} ({detail})"

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from support import checkpointing
+
+from support import weights as weight_files
 from support import parallel
 from gpt import GPTModel
 from helpers import MODEL, TRAIN, final_weights, latest, make_run, trained
@@ -32,7 +34,7 @@ def test_same_weights_with_and_without(parallelism, tolerance, tmp_path, dataset
                             strict=True):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=tolerance)
     # The checkpoint keeps the seed's names: it loads strictly into the plain model.
-    checkpointing.load_model(run_dir / "model.json", latest(run_dir).path / checkpointing.MODEL_FILE)
+    weight_files.load_model(run_dir / "model.json", latest(run_dir).path / checkpointing.MODEL_FILE)
 
 
 def test_blocks_run_again_in_backward_and_keep_their_names():

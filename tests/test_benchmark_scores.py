@@ -21,8 +21,7 @@ import torch
 
 from support.benchmark_scores import main_metric, task_scores
 from support.config import TrainConfig
-from support.metrics import METRICS_FILE, MetricsLog
-from support.parallel import Ranks
+from support.metrics import METRICS_FILE, open_sinks_on_main_rank
 
 from helpers import (PROJECT_ROOT, copy_run_up_to, environment, final_weights, make_run, metrics_rows,
                      run_training, torchrun_command)
@@ -171,8 +170,24 @@ def test_a_resume_drops_the_benchmark_rows_past_its_checkpoint(bench_run, datase
         row for row in metrics_rows(run_dir, comparable=True) if row["kind"] != "benchmark" or row["step"] <= 2]
 
 
+class Sinks:
+    """Rows to every sink, as training's StepMetrics hands them."""
+
+    def __init__(self, sinks):
+        self.sinks = sinks
+
+    def write(self, row):
+        for sink in self.sinks:
+            sink.write(row)
+            sink.flush(durable=True)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+
+
 def test_benchmark_rows_through_the_log_rewind_rebuild_and_tensorboard(tmp_path):
-    """MetricsLog in this process: a resume keeps the benchmark row of its checkpoint and
+    """The metrics file and sinks in this process: a resume keeps the benchmark row of its checkpoint and
     drops later ones; a garbage line rebuilds the log from the history (benchmark rows
     are not in it: they stay in the file kept aside); scores go to TensorBoard as
     benchmark/TASK/METRIC."""
@@ -193,12 +208,11 @@ def test_benchmark_rows_through_the_log_rewind_rebuild_and_tensorboard(tmp_path)
 
     def open_log(resume_step, text):
         (tmp_path / METRICS_FILE).write_text(text)
-        log = MetricsLog(run_dir=tmp_path, ranks=Ranks(), device=torch.device("cpu"), config=config,
-                         model_config=MODEL, tokens_per_step=1, micro_batches_per_step=1,
-                         row_ends_at=lambda step: True)
         checkpoint = type("Checkpoint", (), {"global_step": resume_step, "name": "c"})
-        notes = log.open(checkpoint, history[:resume_step // 2 + 1], {0: "c", 2: "d"})
-        return log, notes
+        training = type("Training", (), {"config": config, "run_dir": tmp_path, "resumed_from": checkpoint,
+                                         "history": history[:resume_step // 2 + 1], "model_config": MODEL})
+        sinks, notes, _ = open_sinks_on_main_rank(training, {0: "c", 2: "d"})
+        return Sinks(sinks), notes
 
     lines = "".join(json.dumps(line) + "\n" for line in rows)
     log, _ = open_log(0, lines)
@@ -207,7 +221,7 @@ def test_benchmark_rows_through_the_log_rewind_rebuild_and_tensorboard(tmp_path)
 
     log, notes = open_log(2, lines + "{torn")
     assert "is not a metrics row" in notes[0]
-    log.write_now(row("benchmark", 2, **bench))
+    log.write(row("benchmark", 2, **bench))
     log.close()
     assert [(line["kind"], line["step"]) for line in metrics_rows(tmp_path)] == [
         ("validation", 0), ("validation", 2), ("benchmark", 2)]

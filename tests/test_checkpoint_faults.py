@@ -19,6 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from support import checkpointing
+
+from support import weights as weight_files
 from support.checkpointing import CheckpointError
 from helpers import one_line_error
 from test_checkpointing import MODEL_CONFIG, checkpoint_states, save
@@ -440,7 +442,7 @@ def test_a_checkpoint_records_its_model_config(tmp_path):
         metadata = file.metadata()
     assert metadata["format"] == "pt"
     assert json.loads(metadata["model_config"]) == MODEL_CONFIG
-    assert checkpointing.weights_model_config(saved.path / "model.safetensors") == MODEL_CONFIG
+    assert weight_files.weights_model_config(saved.path / "model.safetensors") == MODEL_CONFIG
 
 
 def test_weights_refuse_a_model_json_with_other_heads(tmp_path):
@@ -450,18 +452,18 @@ def test_weights_refuse_a_model_json_with_other_heads(tmp_path):
     weights = saved.path / "model.safetensors"
     other = model_json(tmp_path, n_heads=4)          # emb_dim 16: the same tensor shapes
     with pytest.raises(CheckpointError) as raised:
-        checkpointing.load_model(other, weights)
+        weight_files.load_model(other, weights)
     assert raised.value.format_message() == f"{weights} was written for n_heads 2, {other} has 4"
     # Without a model.json to name (ddp_train's resume), the model's own config is compared.
     from gpt import GPTModel
     with pytest.raises(CheckpointError, match=re.escape(f"{weights} was written for n_heads 2, "
                                                         f"the model has 4")):
-        checkpointing.load_weights_into(GPTModel(MODEL_CONFIG | {"n_heads": 4}), weights)
+        weight_files.load_weights_into(GPTModel(MODEL_CONFIG | {"n_heads": 4}), weights)
     # qkv_bias is compared as JSON writes it.
     with pytest.raises(CheckpointError, match="was written for qkv_bias false, .* has true"):
-        checkpointing.load_model(model_json(tmp_path, qkv_bias=True), weights)
+        weight_files.load_model(model_json(tmp_path, qkv_bias=True), weights)
     # drop_rate is no part of the weights; the same architecture loads.
-    model = checkpointing.load_model(model_json(tmp_path, drop_rate=0.3), weights)
+    model = weight_files.load_model(model_json(tmp_path, drop_rate=0.3), weights)
     assert model.cfg["drop_rate"] == 0.3
 
 
@@ -471,11 +473,11 @@ def test_weights_without_the_metadata_still_load(tmp_path):
     for metadata in (None, {"format": "pt"}):
         weights = tmp_path / "model.safetensors"
         save_file(state, str(weights), metadata=metadata)
-        assert checkpointing.weights_model_config(weights) is None
-        model = checkpointing.load_model(model_json(tmp_path, n_heads=4), weights)
+        assert weight_files.weights_model_config(weights) is None
+        model = weight_files.load_model(model_json(tmp_path, n_heads=4), weights)
         assert torch.equal(model.state_dict()["tok_emb.weight"], state["tok_emb.weight"])
     saved = save(tmp_path / "checkpoints", 0, 5.0, is_best=True)   # no model_config given
-    checkpointing.load_model(model_json(tmp_path, n_heads=4), saved.path / "model.safetensors")
+    weight_files.load_model(model_json(tmp_path, n_heads=4), saved.path / "model.safetensors")
 
 
 def test_unreadable_model_config_metadata_is_one_line(tmp_path):
@@ -484,7 +486,7 @@ def test_unreadable_model_config_metadata_is_one_line(tmp_path):
               metadata={"format": "pt", "model_config": "{oops"})
     with pytest.raises(CheckpointError, match=re.escape(
             f"{weights}: metadata 'model_config' is not a JSON object")):
-        checkpointing.load_model(model_json(tmp_path), weights)
+        weight_files.load_model(model_json(tmp_path), weights)
 
 
 def test_test_smoke_refuses_weights_written_for_another_model(tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from support import charts as chart
 from support import checkpointing
+from support import weights as weight_files
 from support.checkpointing import CheckpointError
 from gpt import GPTModel
 
@@ -82,7 +83,7 @@ def test_layout_matches_the_original_scripts(tmp_path):
     # The weights load strictly into the model, the .pt files without pickle execution.
     model_json = tmp_path / "model.json"
     model_json.write_text(json.dumps(MODEL_CONFIG))
-    loaded = checkpointing.load_model(model_json, checkpoints_dir / "best" / "model.safetensors")
+    loaded = weight_files.load_model(model_json, checkpoints_dir / "best" / "model.safetensors")
     expected, _, _ = trained_state()
     for key, tensor in expected.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
@@ -184,10 +185,10 @@ def test_pt_files_are_loaded_without_running_pickled_code(tmp_path):
     path = tmp_path / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "payload": Path("/")}, path)  # not a plain value
     with pytest.raises(CheckpointError, match="optimizer.pt: holds a pickled pathlib.PosixPath"):
-        checkpointing.read_torch_file(path)
+        weight_files.read_torch_file(path)
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match=r"not a valid checkpoint file \(corrupt or truncated\)"):
-        checkpointing.read_torch_file(path)
+        weight_files.read_torch_file(path)
 
 
 def _save_in_child(checkpoints_dir, states, kill_at):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from support import checkpointing
+
+from support import weights as weight_files
 from support import devices
 from support import tokenizer
 from support.config import validate_train_config
@@ -229,14 +231,13 @@ def test_build_optimizer_picks_fused_adamw_on_cuda():
 
 
 def test_batches_reach_the_gpu_through_pinned_memory(datasets_dir):
-    import ddp_train
     from support.token_data import load_dataset
     from torch.profiler import ProfilerActivity, profile
 
     batches = load_dataset(datasets_dir / "toy", "train", 256, 0, 1, 2, 16, vocab_size=64)
     batch = batches[3]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
-        inputs, targets = ddp_train.to_device(batch, CUDA)
+        inputs, targets = devices.to_device(batch, CUDA)
         torch.cuda.synchronize()
     assert inputs.device.type == targets.device.type == "cuda"
     assert torch.equal(inputs.cpu(), batch[0]) and torch.equal(targets.cpu(), batch[1])
@@ -326,7 +327,7 @@ def test_scripts_on_a_cuda_trained_checkpoint(fp16_run, tmp_path, datasets_dir):
     """test_smoke.py, test_loss.py and export_hf.py on the GPU run's last checkpoint,
     each against the same weights evaluated on the CPU in fp32."""
     model_json, weights = fp16_run / "model.json", latest(fp16_run).path / checkpointing.MODEL_FILE
-    cpu_model = checkpointing.load_model(model_json, weights)
+    cpu_model = weight_files.load_model(model_json, weights)
 
     smoke = run_script("test_smoke.py", model_json, weights, "--device", "cuda", "--temperature", "0",
                        "--num-tokens", "8")

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from gpt import GPTModel
 from support import charts as chart
 from support import checkpointing
-import ddp_train
+from support import weights as weight_files
 from support.config import TRAIN_REQUIRED, validate_train_config
-from gpt import GPTModel
 from support.optimizer import learning_rate_at
 
 import helpers
@@ -116,7 +115,7 @@ def test_two_ranks_end_to_end(full_run, datasets_dir):
     # The weights load strictly into the model; validation loss is the original's
     # number: the mean over validation batches 0..2, one batch at a time.
     (run_dir / "model.json").write_text(json.dumps(MODEL))
-    model = checkpointing.load_model(run_dir / "model.json", latest.path / "model.safetensors")
+    model = weight_files.load_model(run_dir / "model.json", latest.path / "model.safetensors")
     validation = load_file(str(datasets_dir / "toy" / "validation.safetensors"))["tokens"].long()
     total = 0.0
     with torch.no_grad():
@@ -260,7 +259,7 @@ def test_one_process_resumes_a_checkpoint_of_the_original_scripts(tmp_path, data
     assert scaler_state["growth_interval"] == 7 and scaler_state["scale"] in (1024.0, 512.0, 256.0)
     assert math.isfinite(latest.meta["train_loss"]) and math.isfinite(latest.meta["val_loss"])
     assert [c.global_step for c in checkpointing.list_checkpoints(checkpoints_dir)] == [0, 1, 2, 3]
-    checkpointing.load_model(run_dir / "model.json", latest.path / "model.safetensors")
+    weight_files.load_model(run_dir / "model.json", latest.path / "model.safetensors")
 
 
 # --- bad inputs: one line, exit code 1, nothing in the run directory touched ---
@@ -311,9 +310,8 @@ def test_bad_input_is_one_line_and_destroys_nothing(case, tmp_path, datasets_dir
     prepare, arguments, message = BAD_INPUTS[case]
     run_dir = prepare(tmp_path / "run")
     before = snapshot(tmp_path)
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), *arguments,
-                                                 "--device", "cpu"])
-    assert result.exit_code == 1, result.output
+    result = run_training(run_dir, datasets_dir, *arguments, nproc=None)
+    assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
     assert snapshot(tmp_path) == before
@@ -343,8 +341,9 @@ def test_learning_rate_schedule():
 
 def test_run_name_or_path(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path / "somewhere")
-    assert ddp_train.find_run_dir(str(run_dir)) == run_dir
+    runs_dir = PROJECT_ROOT / "runs"
+    assert checkpointing.find_run_dir(runs_dir, str(run_dir)) == run_dir
     monkeypatch.chdir(tmp_path)
-    assert ddp_train.find_run_dir("somewhere") == Path("somewhere")
+    assert checkpointing.find_run_dir(runs_dir, "somewhere") == Path("somewhere")
     example = next(path for path in (PROJECT_ROOT / "runs").iterdir() if path.is_dir())
-    assert ddp_train.find_run_dir(example.name) == example
+    assert checkpointing.find_run_dir(runs_dir, example.name) == example

@@ -5,9 +5,7 @@ FSDP. Not bitwise: gradients are summed in another order (and the generator stat
 another world size are not restored), so the weights end within ELASTIC_TOLERANCE."""
 
 import pytest
-from click.testing import CliRunner
 
-import ddp_train
 from helpers import (TRAIN, assert_close_weights, copy_run_up_to, final_weights, latest, make_run,
                      run_training)
 
@@ -55,8 +53,8 @@ def test_one_rank_with_two_accumulation_steps_resumes_on_two(parallelism, ddp_ru
 def test_another_global_batch_is_refused_with_what_would_work(ddp_run, tmp_path, datasets_dir):
     # One rank with one accumulation step would train on half the batches of each step.
     run_dir = copy_run_up_to(ddp_run, tmp_path / "one-rank", step=2)
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), "latest", "--device", "cpu"])
-    assert result.exit_code == 1
+    result = run_training(run_dir, datasets_dir, "latest", nproc=None)
+    assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "written by 2 rank(s) x 1 accumulation step(s), this run has 1 x 1" in lines[0]

@@ -3,10 +3,10 @@ a tiny fp32 model without dropout. The checkpoints of both are interchangeable."
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from support import checkpointing
-import ddp_train
+
+from support import weights as weight_files
 from gpt import GPTModel
 from helpers import (MODEL, TRAIN, assert_close_weights, copy_run_up_to, final_weights, latest, make_run,
                      run_training, trained)
@@ -27,7 +27,7 @@ def test_fsdp_checkpoint_is_the_seed_layout(fsdp_run):
     checkpoint = latest(fsdp_run)
     # The full, unsharded weights in the seed's names (causal-mask buffers included),
     # loading strictly into the plain model.
-    weights = checkpointing.read_weights(checkpoint.path / checkpointing.MODEL_FILE)
+    weights = weight_files.read_weights(checkpoint.path / checkpointing.MODEL_FILE)
     model = GPTModel(MODEL)
     assert weights.keys() == model.state_dict().keys()
     model.load_state_dict(weights, strict=True)
@@ -68,8 +68,8 @@ def test_fsdp_checkpoint_resumes_under_ddp(fsdp_run, ddp_run, tmp_path, datasets
 
 def test_fp16_is_refused_under_fsdp(tmp_path, datasets_dir):
     run_dir = make_run(tmp_path / "run", train={**FSDP, "dtype": "fp16"})
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), "--device", "cpu"])
-    assert result.exit_code == 1
+    result = run_training(run_dir, datasets_dir, nproc=None)
+    assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "'dtype' is \"fp16\"" in result.stderr, result.stderr
 
 

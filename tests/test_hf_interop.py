@@ -30,7 +30,7 @@ import import_hf
 from support import safe_files
 import test_smoke
 from support import tokenizer
-from support.checkpointing import load_model
+from support.weights import load_model
 from gpt import GPTModel, generate
 import transformers  # the dev dependency group
 from servers.hub import HubServer

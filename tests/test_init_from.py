@@ -3,10 +3,10 @@ model.json matches the run's; a mismatch is one line."""
 
 
 import torch
-from click.testing import CliRunner
 
 from support import checkpointing
-import ddp_train
+
+from support import weights as weight_files
 from gpt import GPTModel
 from helpers import MODEL, TRAIN, latest, make_run, run_training, write_tiny_checkpoint, write_toy_dataset
 
@@ -25,7 +25,7 @@ def test_a_fresh_run_starts_from_the_files_weights(tmp_path):
     result = run_training(run_dir, tmp_path / "datasets", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting from" in result.stdout
-    started = checkpointing.read_weights(latest(run_dir).path / checkpointing.MODEL_FILE)
+    started = weight_files.read_weights(latest(run_dir).path / checkpointing.MODEL_FILE)
     torch.manual_seed(TRAIN["seed"])
     own_init = GPTModel(MODEL).state_dict()
     assert not torch.equal(own_init["tok_emb.weight"], imported["tok_emb.weight"])
@@ -38,8 +38,8 @@ def test_a_mismatched_model_json_is_refused_in_one_line(tmp_path):
     (tmp_path / "imported").mkdir()
     write_tiny_checkpoint(tmp_path / "imported", {**MODEL, "emb_dim": 64}, seed=0)
     run_dir = make_run(tmp_path / "run", train={**TRAIN, "init_from": str(tmp_path / "imported" / "model.safetensors")})
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(tmp_path / "datasets"), "--device", "cpu"])
-    assert result.exit_code == 1
+    result = run_training(run_dir, tmp_path / "datasets", nproc=None)
+    assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "key 'init_from'" in lines[0] and "has emb_dim 64" in lines[0], result.stderr
     assert not (run_dir / "checkpoints").exists()

@@ -5,20 +5,16 @@ the run directory is exactly as it was, down to the directories' modification ti
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from support import checkpointing
-import ddp_train
 from gpt import GPTModel
 from support.preflight import INJECT_OOM_VARIABLE, extrapolated_growth, microbatch_advice
 
-from helpers import MODEL, PROJECT_ROOT, SCRIPT, TRAIN, make_run, run_training
+from helpers import MODEL, SCRIPT, TRAIN, make_run, run_script, run_training
 
 TOKENS_PER_STEP = 2 * TRAIN["minibatch_size"] * MODEL["context_length"]   # 2 ranks: 64
 
@@ -48,11 +44,11 @@ def write_checkpoint(run_dir, step):
     model(inputs, targets=inputs).backward()
     optimizer.step()
     history = [{"global_step": step, "train_loss": 4.0, "val_loss": 4.1, "is_best": True}]
-    meta = checkpointing.checkpoint_meta(
-        global_step=step, train_loss=4.0, val_loss=4.1, is_best=True, history=history, learning_rate=0.01,
-        grad_norm=None, tokens_seen=(step + 1) * TOKENS_PER_STEP, world_size=2, gradient_accumulation_steps=1,
-        minibatch_size=TRAIN["minibatch_size"], context_length=MODEL["context_length"], dtype="fp32",
-        seed=TRAIN["seed"], parallelism="ddp", activation_checkpointing=False)
+    meta = {"global_step": step, "train_loss": 4.0, "val_loss": 4.1, "is_best": True, "history": history,
+            "learning_rate": 0.01, "grad_norm": None, "tokens_seen": (step + 1) * TOKENS_PER_STEP, "world_size": 2,
+            "gradient_accumulation_steps": 1, "minibatch_size": TRAIN["minibatch_size"],
+            "context_length": MODEL["context_length"], "dtype": "fp32", "seed": TRAIN["seed"],
+            "parallelism": "ddp", "activation_checkpointing": False}
     return checkpointing.save_checkpoint(
         Path(run_dir) / "checkpoints", model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
         scaler_state={}, rng_state={"world_size": 2, "cpu": [torch.get_rng_state()] * 2}, meta=meta,
@@ -159,8 +155,7 @@ def test_a_cpu_trial_is_judged_before_it_runs_from_the_growth_measured_below_it(
 
 def test_a_deadline_must_be_positive_and_is_refused_before_torch_is_imported(tmp_path, datasets_dir):
     run_dir = make_run(tmp_path / "run")
-    result = subprocess.run([sys.executable, str(SCRIPT), str(run_dir), str(datasets_dir), "--preflight",
-                             "--deadline", "0"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    result = run_script(SCRIPT.name, run_dir, datasets_dir, "--preflight", "--deadline", "0", timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors == ["Error: Invalid value for '--deadline': 0.0 is not in the range x>0."], result.stderr
@@ -173,7 +168,7 @@ def test_a_deadline_must_be_positive_and_is_refused_before_torch_is_imported(tmp
 def test_options_that_do_not_go_together_are_usage_errors(arguments, message, tmp_path, datasets_dir):
     run_dir = make_run(tmp_path / "run")
     before = snapshot(run_dir)
-    result = CliRunner().invoke(ddp_train.main, [str(run_dir), str(datasets_dir), *arguments, "--device", "cpu"])
-    assert result.exit_code == 2, result.output
+    result = run_training(run_dir, datasets_dir, *arguments, nproc=None)
+    assert result.returncode == 2, result.stderr
     assert f"Error: {message}" in result.stderr
     assert snapshot(run_dir) == before

@@ -23,6 +23,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from support import checkpointing
+
+from support import weights as weight_files
 import test_benchmarks
 from support import tokenizer
 from gpt import GPTModel
@@ -52,7 +54,7 @@ def checkpoint(tmp_path_factory):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.7)
     (directory / "model.json").write_text(json.dumps(CONFIG))
     save_file(model.state_dict(), str(directory / "model.safetensors"),
-              metadata={"format": "pt", checkpointing.CONFIG_METADATA_KEY: json.dumps(CONFIG)})
+              metadata={"format": "pt", weight_files.CONFIG_METADATA_KEY: json.dumps(CONFIG)})
     return directory, model.eval()
 
 
