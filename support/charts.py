@@ -3,15 +3,13 @@
 - big-training-run-chart.png (the original's file): train and validation loss against
   global step, best step marked, from the checkpoints' history;
 - training-metrics-chart.png: what happened between checkpoints, from metrics.jsonl
-  (see metrics.py): training loss per logged step under the validation points,
-  learning rate, gradient norm with the clip threshold and the share of clipped steps,
-  and tokens/s with MFU.
+  (see metrics.py), one function a panel: training loss per logged step under the
+  validation points, benchmark scores (when there are any), learning rate, gradient norm
+  with the clip threshold and the share of clipped steps, and tokens/s with MFU. It is a
+  look at the run, not an analysis tool: TensorBoard and W&B get the same rows.
 
-ddp_train.py redraws both after every checkpoint (redraw_charts). To redraw them by hand
-(for a run the original scripts trained, say, which has no metrics.jsonl and so only the
-loss chart):
-
-    uv run python chart.py RUN_DIR
+ddp_train.py redraws both after every checkpoint (redraw_charts); chart.py RUN_DIR
+redraws them by hand.
 
 Headless (matplotlib's Agg canvas, no display needed). xkcd style, as the original,
 when an xkcd font is installed (setup_lambda.sh installs one); plain otherwise,
@@ -104,12 +102,8 @@ def draw_loss_chart(points, best_step, png_path):
 # share of the rows, so that the smoothing looks alike at every run length. The window is
 # odd and at least 5 rows: under 160 rows, the series is drawn as logged.
 SMOOTHING_SHARE = 1 / 40
-# At most this many bars of "share of steps clipped" across the gradient-norm panel.
-MAX_CLIP_BARS = 50
 # Dots on lines of at most this many points: a short run's few values are seen one by one.
 MAX_MARKED_POINTS = 60
-# The loss panel may leave this first share of the steps' (higher) loss above its top.
-LOSS_ZOOM_SKIPS = 0.1
 
 
 def _number(value) -> float:
@@ -143,20 +137,6 @@ def latest_rows(rows, kind):
     return [by_step[step] for step in sorted(by_step)]
 
 
-def steps_covered(steps):
-    """How many global steps each training row stands for: the gap to the row before it.
-    The first row's gap is unknown (a run continued from the original scripts starts its
-    log mid-run): it covers at most `step + 1` steps and is taken as long as the next gap."""
-    import numpy as np
-
-    steps = np.asarray(steps, dtype=float)
-    if len(steps) == 0:
-        return steps
-    gaps = np.diff(steps)
-    first = min(steps[0] + 1, gaps[0]) if len(gaps) else 1.0
-    return np.concatenate([[max(first, 1.0)], gaps])
-
-
 def rolling_mean(values, window: int):
     """The mean of each value's `window` neighbours (centred, fewer at the ends), skipping
     NaN; NaN where the value itself is missing, so gaps in a series stay gaps."""
@@ -178,102 +158,38 @@ def rolling_mean(values, window: int):
     return means
 
 
-def _nice_width(width: float) -> int:
-    """The smallest of 1, 2, 5, 10, 20, 50, ... steps that is at least width."""
-    magnitude = 1
-    while True:
-        for multiple in (1, 2, 5):
-            if multiple * magnitude >= width:
-                return multiple * magnitude
-        magnitude *= 10
+class Series:
+    """The training rows' steps and how a noisy series of them is drawn: as logged when
+    short, else faint under its rolling mean."""
 
+    def __init__(self, train_rows):
+        import numpy as np
 
-def clipped_share_bars(steps, covered, clipped_fractions):
-    """Bars of the share of steps whose gradient norm was clipped: (edges, shares, width).
+        self.rows = train_rows
+        self.steps = _column(train_rows, "step")
+        window = int(len(train_rows) * SMOOTHING_SHARE) // 2 * 2 + 1  # odd: centred
+        self.window = window if window >= 5 else 1
+        # Steps per row, for the legend: "mean over 250 steps" at log_interval 10.
+        self.steps_per_row = float(np.median(np.diff(self.steps))) if len(self.steps) > 1 else 1.0
 
-    One bar per training row when there are few; else buckets of a round number of steps
-    (width; None for one bar a row), each the mean of its rows weighted by the steps each
-    row covers. Rows without clipped_fraction count in no bar; a bar of none is NaN (no
-    bar); None when no row has one."""
-    import numpy as np
+    def column(self, key):
+        return _column(self.rows, key)
 
-    known = ~np.isnan(clipped_fractions)
-    if not known.any():
-        return None
-    if len(steps) <= MAX_CLIP_BARS:
-        # Row i stands for steps (step - covered, step]: its bar spans them.
-        edges = np.concatenate([[steps[0] - covered[0] + 0.5], steps + 0.5])
-        return edges, clipped_fractions, None
-    steps, covered, fractions = steps[known], covered[known], clipped_fractions[known]
-    first = steps[0] - covered[0] + 1
-    width = _nice_width((steps[-1] - first + 1) / MAX_CLIP_BARS)
-    start = first // width * width
-    bucket = ((steps - start) // width).astype(int)
-    count = int(bucket[-1]) + 1
-    weights = np.bincount(bucket, weights=covered, minlength=count)
-    clipped = np.bincount(bucket, weights=covered * fractions, minlength=count)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shares = np.where(weights > 0, clipped / np.where(weights > 0, weights, 1), np.nan)
-    edges = start + width * np.arange(count + 1) - 0.5
-    return edges, shares, width
-
-
-def _plot_series(axes, steps, values, window, typical_covered, color, label, note=""):
-    """A noisy series: faint raw line and its rolling mean when long, a plain line (with
-    dots when short) otherwise. Returns the line drawn over the raw one (for the legend)."""
-    if window > 1:
-        # No xkcd halo on the faint line: a white stroke around every wiggle would wash it out.
-        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, path_effects=[])
-        span = _thousands(window * typical_covered)
-        (line,) = axes.plot(steps, rolling_mean(values, window), color=color, linewidth=2,
-                            label=f"{label}, mean over {span} steps{note}")
+    def plot(self, axes, values, color, label, note=""):
+        """Returns the line drawn over the raw one (for the legend)."""
+        if self.window > 1:
+            # No xkcd halo on the faint line: a white stroke around every wiggle would wash it out.
+            axes.plot(self.steps, values, color=color, alpha=0.25, linewidth=0.8, path_effects=[])
+            (line,) = axes.plot(self.steps, rolling_mean(values, self.window), color=color, linewidth=2,
+                                label=f"{label}, mean over {self.window * self.steps_per_row:,.0f} steps{note}")
+            return line
+        marker = {"marker": "o", "markersize": 3} if len(self.steps) <= MAX_MARKED_POINTS else {}
+        (line,) = axes.plot(self.steps, values, color=color, label=label + note, **marker)
         return line
-    marker = {"marker": "o", "markersize": 3} if len(steps) <= MAX_MARKED_POINTS else {}
-    (line,) = axes.plot(steps, values, color=color, label=label + note, **marker)
-    return line
-
-
-def _late_loss_limits(steps, train_line, val_steps, val_loss, low, high):
-    """y limits for the loss panel that leave out the first steps' loss when showing it
-    would squash the rest of the run into a sliver (a loss falling from 11 to 4 in its
-    first few percent, then slowly to 3); None to show everything."""
-    import numpy as np
-
-    late_from = low + LOSS_ZOOM_SKIPS * (high - low)
-    late = np.concatenate([train_line[steps >= late_from], val_loss[val_steps >= late_from]])
-    every = np.concatenate([train_line, val_loss])
-    late, every = late[~np.isnan(late)], every[~np.isnan(every)]
-    if len(late) == 0:
-        return None
-    bottom, top = every.min(), late.max()
-    if every.max() - bottom <= 3 * (top - bottom):
-        return None
-    span = top - bottom
-    return bottom - 0.05 * span, top + 0.25 * span
-
-
-def _constant_ratio(numerators, denominators):
-    """numerators / denominators where that is one number (within 1%) over every row that
-    has both; None otherwise."""
-    import numpy as np
-
-    both = ~np.isnan(numerators) & ~np.isnan(denominators) & (denominators > 0)
-    if not both.any():
-        return None
-    ratios = numerators[both] / denominators[both]
-    low, high = ratios.min(), ratios.max()
-    if low <= 0 or high > 1.01 * low:
-        return None
-    return float(np.median(ratios))
-
-
-def _thousands(value) -> str:
-    return f"{value:,.0f}"
 
 
 def _say_nothing_logged(axes, message):
-    axes.text(0.5, 0.5, message, transform=axes.transAxes, ha="center", va="center",
-              color="gray")
+    axes.text(0.5, 0.5, message, transform=axes.transAxes, ha="center", va="center", color="gray")
 
 
 def _duration(seconds: float) -> str:
@@ -285,9 +201,9 @@ def _title(train_rows):
     if not train_rows:
         return "training metrics"
     last = train_rows[-1]
-    parts = [f"step {_thousands(last['step'])}"]
+    parts = [f"step {last['step']:,}"]
     if not math.isnan(_number(last.get("tokens_seen"))):
-        parts.append(f"{_thousands(last['tokens_seen'])} tokens")
+        parts.append(f"{last['tokens_seen']:,} tokens")
     if not math.isnan(_number(last.get("elapsed_seconds"))):
         parts.append(f"{_duration(last['elapsed_seconds'])} elapsed")
     return "training metrics: " + ", ".join(parts)
@@ -302,6 +218,105 @@ def _peak_memory(train_rows) -> str:
         if values:
             return f"; {what} {max(values) / 2**30:,.1f} GiB"
     return ""
+
+
+def draw_loss_panel(axes, series: Series, validation_rows):
+    """The training rows' loss under the validation points, the best one starred."""
+    import numpy as np
+
+    loss = series.column("loss")
+    if not np.isnan(loss).all():
+        series.plot(axes, loss, "tab:blue", "training loss")
+    val_steps, val_loss = _column(validation_rows, "step"), _column(validation_rows, "val_loss")
+    if not np.isnan(val_loss).all():
+        axes.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=4, label="validation loss")
+        best = [row for row in validation_rows if row.get("is_best") is True
+                and not math.isnan(_number(row.get("val_loss")))]
+        if best:
+            axes.plot([best[-1]["step"]], [best[-1]["val_loss"]], linestyle="none", marker="*", markersize=16,
+                      color="tab:red", zorder=5, clip_on=False,
+                      label=f"best validation loss {best[-1]['val_loss']:.3f} (step {best[-1]['step']:,})")
+    if axes.lines:
+        axes.legend(loc="upper right")
+    else:
+        _say_nothing_logged(axes, "no loss logged")
+    axes.set_ylabel("loss")
+    axes.set_title("loss", fontsize="medium")
+
+
+def draw_learning_rate_panel(axes, series: Series):
+    """Smooth by construction: drawn as logged."""
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    learning_rate = series.column("learning_rate")
+    if not np.isnan(learning_rate).all():
+        marker = {"marker": "o", "markersize": 3} if len(series.steps) <= MAX_MARKED_POINTS else {}
+        axes.plot(series.steps, learning_rate, color="tab:green", **marker)
+        axes.set_ylim(bottom=0)
+    else:
+        _say_nothing_logged(axes, "no learning rate logged")
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    axes.set_ylabel("learning rate")
+    axes.set_title("learning rate", fontsize="medium")
+
+
+def draw_gradient_norm_panel(axes, series: Series, grad_clip):
+    """The norm before clipping, grad_clip (None: no clipping, no line) as a dashed line,
+    and the share of steps clipped on a right-hand axis."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    grad_norm, clipped = series.column("grad_norm"), series.column("clipped_fraction")
+    handles = []
+    if not np.isnan(grad_norm).all():
+        handles.append(series.plot(axes, grad_norm, "tab:purple", "gradient norm before clipping"))
+        axes.set_ylim(bottom=0)
+    else:
+        _say_nothing_logged(axes, "no gradient norm logged (measured only when train.json sets grad_clip)")
+    if grad_clip is not None:
+        handles.append(axes.axhline(grad_clip, color="tab:red", linestyle="--", label=f"clip threshold ({grad_clip:g})"))
+    if not np.isnan(clipped).all():
+        share_axes = axes.twinx()
+        handles.append(share_axes.plot(series.steps, rolling_mean(clipped, series.window), color="tab:red",
+                                       alpha=0.5, label="steps clipped (right)")[0])
+        share_axes.set_ylim(0, 1.05)
+        share_axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        share_axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
+        share_axes.set_ylabel("steps clipped")
+    if handles:
+        axes.legend(handles=handles, loc="upper right")
+    axes.set_ylabel("gradient norm")
+    axes.set_title("gradient norm", fontsize="medium")
+
+
+def draw_throughput_panel(axes, series: Series):
+    """tokens/s, with MFU on a right-hand axis, and the peak memory in the title."""
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
+
+    tokens_per_second, mfu = series.column("tokens_per_second"), series.column("mfu")
+    handles = []
+    if not np.isnan(tokens_per_second).all():
+        handles.append(series.plot(axes, tokens_per_second, "tab:blue", "tokens/s"))
+        axes.set_ylim(bottom=0)
+    if not np.isnan(mfu).all():
+        mfu_axes = axes.twinx()
+        handles.append(series.plot(mfu_axes, mfu, "tab:orange", "MFU", " (right)"))
+        mfu_axes.set_ylim(bottom=0)
+        # Whole percents unless MFU is tiny (a CPU run against a made-up peak, say).
+        decimals = 0 if np.nanmax(mfu) >= 0.05 else None
+        mfu_axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=decimals))
+        mfu_axes.set_ylabel("MFU")
+    if handles:
+        axes.legend(handles=handles, loc="lower right")
+    else:
+        _say_nothing_logged(axes, "no throughput logged")
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    axes.set_ylabel("tokens/s")
+    axes.set_title(f"throughput{_peak_memory(series.rows)}", fontsize="medium")
 
 
 def benchmark_series(benchmark_rows):
@@ -334,7 +349,7 @@ def benchmark_series(benchmark_rows):
     return series
 
 
-def _draw_benchmark_panel(axes, benchmark_rows):
+def draw_benchmark_panel(axes, benchmark_rows):
     """Each task's main score against step: scores between 0 and 1 (accuracies) on the
     left axis in percent, with a band of one standard error; any others (a perplexity)
     dashed, on a log-scale right axis."""
@@ -390,35 +405,19 @@ def _draw_benchmark_panel(axes, benchmark_rows):
 
 def draw_metrics_chart(rows, png_path, grad_clip=None):
     """Plot metrics.jsonl's rows (as metrics.read_metrics returns them) to png_path,
-    atomically; returns the matplotlib Figure.
-
-    Four panels over global step: training loss with the validation points (best one
-    starred); learning rate; gradient norm, with grad_clip (None: no clipping, no line)
-    as a dashed line and the share of clipped steps as bars on a right-hand axis; tokens/s
-    with MFU on a right-hand axis. A key no row carries leaves its panel saying so. When
-    there are benchmark rows, a fifth panel under the loss shows each task's main score.
-    """
-    import numpy as np
+    atomically; returns the matplotlib Figure: the loss, learning rate, gradient norm and
+    throughput panels over global step, and a benchmark panel under the loss when there
+    are benchmark rows. A key no row carries leaves its panel saying so."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import (FuncFormatter, LogLocator, MaxNLocator, NullFormatter,
-                                   PercentFormatter)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    train_rows = latest_rows(rows, "train")
-    validation_rows = latest_rows(rows, "validation")
+    train_rows, validation_rows = latest_rows(rows, "train"), latest_rows(rows, "validation")
     benchmark_rows = latest_rows(rows, "benchmark")
-    steps = _column(train_rows, "step")
-    covered = steps_covered(steps)
-    typical_covered = float(np.median(covered)) if len(covered) else 1.0
-    window = int(len(train_rows) * SMOOTHING_SHARE) // 2 * 2 + 1  # odd: centred
-    window = window if window >= 5 else 1
+    series = Series(train_rows)
     all_steps = [row["step"] for row in train_rows + validation_rows + benchmark_rows]
-    low = min(steps[0] - covered[0] + 1, *all_steps) if len(steps) else min(all_steps, default=0)
-    high = max(all_steps, default=0)
+    low, high = min(all_steps, default=0), max(all_steps, default=0)
     margin = max(0.5, (high - low) * 0.01)
-    thousands = FuncFormatter(lambda value, _: _thousands(value))
-    general = FuncFormatter(lambda value, _: f"{value:g}")
-
     with chart_style():
         heights = [3, 2, 3, 2.5]
         if benchmark_rows:   # a panel of scores under the loss: both say whether it learns
@@ -426,141 +425,19 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
         figure = Figure(figsize=(12, 10 + (2.5 if benchmark_rows else 0)))
         FigureCanvasAgg(figure)
         panels = list(figure.subplots(len(heights), 1, sharex=True, gridspec_kw={"height_ratios": heights}))
+        draw_loss_panel(panels[0], series, validation_rows)
         if benchmark_rows:
-            _draw_benchmark_panel(panels[1], benchmark_rows)
-        loss_axes, lr_axes, norm_axes, speed_axes = panels[:1] + panels[-3:]
-
-        # Loss: the training rows' loss, faint when long, under the validation points.
-        loss = _column(train_rows, "loss")
-        val_steps = _column(validation_rows, "step")
-        val_loss = _column(validation_rows, "val_loss")
-        loss_title = "loss"
-        if not np.isnan(loss).all():
-            train_line = _plot_series(loss_axes, steps, loss, window, typical_covered, "tab:blue",
-                                      "training loss")
-            limits = _late_loss_limits(steps, train_line.get_ydata(), val_steps, val_loss, low, high)
-            if limits is not None:
-                loss_axes.set_ylim(*limits)
-                loss_title = ("loss (the first steps' higher loss is above the top: "
-                              f"see {CHART_FILE})")
-        if not np.isnan(val_loss).all():
-            loss_axes.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=4,
-                           label="validation loss")
-            best = [row for row in validation_rows if row.get("is_best") is True
-                    and not math.isnan(_number(row.get("val_loss")))]
-            if best:
-                loss_axes.plot([best[-1]["step"]], [best[-1]["val_loss"]], linestyle="none",
-                               marker="*", markersize=16, color="tab:red", zorder=5, clip_on=False,
-                               label=f"best validation loss {best[-1]['val_loss']:.3f} "
-                                     f"(step {_thousands(best[-1]['step'])})")
-        if loss_axes.lines:
-            loss_axes.legend(loc="upper right")
-        else:
-            _say_nothing_logged(loss_axes, "no loss logged")
-        loss_axes.set_ylabel("loss")
-
-        # Learning rate: smooth by construction, drawn as logged.
-        learning_rate = _column(train_rows, "learning_rate")
-        if not np.isnan(learning_rate).all():
-            marker = {"marker": "o", "markersize": 3} if len(steps) <= MAX_MARKED_POINTS else {}
-            lr_axes.plot(steps, learning_rate, color="tab:green", **marker)
-            lr_axes.set_ylim(bottom=0)
-        else:
-            _say_nothing_logged(lr_axes, "no learning rate logged")
-        lr_axes.yaxis.set_major_formatter(general)
-        lr_axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
-        lr_axes.set_ylabel("learning rate")
-
-        # Gradient norm, the clip threshold, and the share of steps clipped behind them.
-        grad_norm = _column(train_rows, "grad_norm")
-        clip_bars = clipped_share_bars(steps, covered, _column(train_rows, "clipped_fraction"))
-        handles = []
-        if clip_bars is not None:
-            edges, shares, width = clip_bars
-            share_axes = norm_axes.twinx()
-            # The bars go behind the norm's lines: the twin is drawn first, the norm's own
-            # background hidden so that the bars show through.
-            norm_axes.set_zorder(share_axes.get_zorder() + 1)
-            norm_axes.patch.set_visible(False)
-            per = "logged row" if width is None else f"{_thousands(width)} steps"
-            bars = share_axes.stairs(shares, edges, fill=True, color="tab:red", alpha=0.2,
-                                     path_effects=[], label=f"steps clipped, share per {per} (right)")
-            bars.set_sketch_params(None)  # xkcd's wobble would fray the bars' fill into stripes
-            handles.append(bars)
-            share_axes.set_ylim(0, 1.05)
-            share_axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-            share_axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
-            share_axes.set_ylabel("steps clipped")
-        if not np.isnan(grad_norm).all():
-            handles.insert(0, _plot_series(norm_axes, steps, grad_norm, window, typical_covered,
-                                           "tab:purple", "gradient norm before clipping"))
-            positive = grad_norm[grad_norm > 0]
-            if len(positive) and positive.max() > 10 * np.median(positive):
-                # Early spikes tens of times the settled norm would flatten the rest: log scale.
-                norm_axes.set_yscale("log")
-                norm_axes.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-                norm_axes.yaxis.set_major_formatter(general)
-                norm_axes.yaxis.set_minor_formatter(NullFormatter())
-            else:
-                norm_axes.set_ylim(bottom=0)
-        if grad_clip is not None:
-            handles.append(norm_axes.axhline(grad_clip, color="tab:red", linestyle="--",
-                                             label=f"clip threshold ({grad_clip:g})"))
-        if handles:
-            norm_axes.legend(handles=handles, loc="upper right")
-        if np.isnan(grad_norm).all():
-            _say_nothing_logged(norm_axes, "no gradient norm logged "
-                                           "(measured only when train.json sets grad_clip)")
-        norm_axes.set_ylabel("gradient norm")
-
-        # Throughput, with MFU on a right-hand axis.
-        tokens_per_second = _column(train_rows, "tokens_per_second")
-        mfu = _column(train_rows, "mfu")
-        has_speed, has_mfu = not np.isnan(tokens_per_second).all(), not np.isnan(mfu).all()
-        speed_handles = []
-        mfu_per_token_per_second = _constant_ratio(mfu, tokens_per_second)
-        if has_speed:
-            note = " (MFU on the right)" if mfu_per_token_per_second else ""
-            speed_handles.append(_plot_series(speed_axes, steps, tokens_per_second, window,
-                                              typical_covered, "tab:blue", "tokens/s", note))
-            speed_axes.set_ylim(bottom=0)
-        if mfu_per_token_per_second:
-            # MFU is tokens/s times a constant (the model's FLOPs a token over the devices'
-            # peak): one line read against two scales says it all.
-            ratio = mfu_per_token_per_second
-            mfu_axes = speed_axes.secondary_yaxis(
-                "right", functions=(lambda value: value * ratio, lambda value: value / ratio))
-        elif has_mfu:
-            # Not proportional (the world size changed at a resume, say): a line of its own.
-            mfu_axes = speed_axes.twinx()
-            speed_handles.append(_plot_series(mfu_axes, steps, mfu, window, typical_covered,
-                                              "tab:orange", "MFU", " (right)"))
-            mfu_axes.set_ylim(bottom=0)
-        if has_mfu:
-            # Whole percents unless MFU is tiny (a CPU run against a made-up peak, say).
-            decimals = 0 if np.nanmax(mfu) >= 0.05 else None
-            mfu_axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=decimals))
-            mfu_axes.set_ylabel("MFU")
-        if speed_handles:
-            speed_axes.legend(handles=speed_handles, loc="lower right")
-        else:
-            _say_nothing_logged(speed_axes, "no throughput logged")
-        speed_axes.yaxis.set_major_formatter(thousands)
-        speed_axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
-        speed_axes.set_ylabel("tokens/s")
-        speed_axes.set_title(f"throughput{_peak_memory(train_rows)}", fontsize="medium")
-
-        loss_axes.set_title(loss_title, fontsize="medium")
-        lr_axes.set_title("learning rate", fontsize="medium")
-        norm_axes.set_title("gradient norm", fontsize="medium")
-        speed_axes.xaxis.set_major_locator(MaxNLocator(nbins=10, steps=[1, 2, 5, 10], integer=True,
-                                                       min_n_ticks=1))
-        speed_axes.xaxis.set_major_formatter(thousands)
-        speed_axes.set_xlim(low - margin, high + margin)
-        speed_axes.set_xlabel("global step")
+            draw_benchmark_panel(panels[1], benchmark_rows)
+        draw_learning_rate_panel(panels[-3], series)
+        draw_gradient_norm_panel(panels[-2], series, grad_clip)
+        draw_throughput_panel(panels[-1], series)
+        bottom = panels[-1]
+        bottom.xaxis.set_major_locator(MaxNLocator(nbins=10, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
+        bottom.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        bottom.set_xlim(low - margin, high + margin)
+        bottom.set_xlabel("global step")
         for axes in panels:
-            # xkcd mode gives grid lines no width but a white halo, which would cut stripes
-            # through the bars: no halo.
+            # xkcd mode gives grid lines no width but a white halo: no halo.
             axes.grid(alpha=0.3, path_effects=[])
         figure.suptitle(_title(train_rows))
         figure.tight_layout()

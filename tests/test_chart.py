@@ -195,10 +195,10 @@ def horizontal_lines(axes):
             and len(set(line.get_ydata())) == 1]
 
 
-def clip_bars(figure):
-    from matplotlib.patches import StepPatch
-
-    return [patch for axes in figure.axes for patch in axes.patches if isinstance(patch, StepPatch)]
+def clipped_share_line(figure):
+    """The share-of-steps-clipped line on the gradient-norm panel's right axis, or None."""
+    lines = [line for axes in figure.axes if axes.get_ylabel() == "steps clipped" for line in axes.lines]
+    return lines[0] if lines else None
 
 
 @pytest.mark.parametrize("steps", [10, 10_000])
@@ -213,24 +213,19 @@ def test_metrics_chart_is_a_readable_png(tmp_path, steps):
 
     norm_axes = axes_named(figure, "gradient norm")
     assert [list(line.get_ydata()) for line in horizontal_lines(norm_axes)] == [[1.0, 1.0]]
-    (bars,) = clip_bars(figure)
     train_rows = [row for row in rows if row["kind"] == "train"]
-    shares = bars.get_data().values
+    shares = clipped_share_line(figure).get_ydata()
     if steps == 10:
-        # Few rows: a bar each, as logged, and every line drawn as logged.
+        # Few rows: every series drawn as logged, the clipped share too.
         assert list(shares) == [row["clipped_fraction"] for row in train_rows]
         assert all(line.get_alpha() is None for line in norm_axes.lines)
     else:
-        # Many rows: at most MAX_CLIP_BARS bars of 200 steps; the noisy series drawn faint
-        # under a rolling mean; the loss panel's top leaves out the first steps' loss.
-        assert len(shares) <= chart.MAX_CLIP_BARS
-        assert list(bars.get_data().edges[:2]) == [-0.5, 199.5]
-        clipped = [row["clipped_fraction"] for row in train_rows[:200]]
-        assert shares[0] == pytest.approx(sum(clipped) / 200)
+        # Many rows: the noisy series drawn faint under a rolling mean of 1/40 of the rows
+        # (251 here: 250 made odd), the clipped share as that rolling mean.
         assert [line.get_alpha() for line in norm_axes.lines[:2]] == [0.25, None]
-        loss_axes = axes_named(figure, "loss")
-        assert max(row["loss"] for row in train_rows) > loss_axes.get_ylim()[1] > 3.5
-        assert chart.CHART_FILE in loss_axes.get_title()
+        assert "mean over 251 steps" in norm_axes.lines[1].get_label()
+        clipped = [row["clipped_fraction"] for row in train_rows]
+        assert shares[5000] == pytest.approx(sum(clipped[5000 - 125:5000 + 126]) / 251)
         # Thousands separators on the step axis.
         labels = [label.get_text() for label in figure.axes[3].get_xticklabels()]
         assert "10,000" in labels
@@ -241,7 +236,7 @@ def test_no_clipping_draws_no_clip_line_or_bars(tmp_path):
     assert not any("grad_norm" in row for row in rows)
     figure = chart.draw_metrics_chart(rows, tmp_path / "metrics.png", grad_clip=None)
     norm_axes = axes_named(figure, "gradient norm")
-    assert len(norm_axes.lines) == 0 and clip_bars(figure) == []
+    assert len(norm_axes.lines) == 0 and clipped_share_line(figure) is None
     assert "no gradient norm logged" in " ".join(text.get_text() for text in norm_axes.texts)
 
 
@@ -304,29 +299,6 @@ def test_rows_missing_keys_or_values_still_draw(tmp_path):
     assert sum(len(axes.texts) for axes in figure.axes) == 4
 
 
-def test_clipped_share_weighs_rows_by_the_steps_they_cover():
-    import numpy as np
-
-    # Rows every 10 steps, then every step, then every 5: the bucket of steps 480-499
-    # holds one row of 10 steps and ten rows of one.
-    steps = list(range(9, 490, 10)) + list(range(490, 600)) + list(range(604, 1000, 5))
-    rng = random.Random(1)
-    fractions = [rng.random() for _ in steps]
-    edges, shares, width = chart.clipped_share_bars(
-        np.array(steps, dtype=float), chart.steps_covered(steps), np.array(fractions))
-    assert width == 20 and len(shares) == 50
-    # The same from every step's own fraction, step by step.
-    per_step, previous = {}, -1
-    for step, fraction in zip(steps, fractions):
-        for covered_step in range(previous + 1, step + 1):
-            per_step[covered_step] = fraction
-        previous = step
-    for start, share in zip(range(0, 1000, 20), shares):
-        bucket = [per_step[step] for step in range(start, start + 20)]
-        assert share == pytest.approx(sum(bucket) / len(bucket))
-    assert list(edges[:2]) == [-0.5, 19.5]
-
-
 def test_rolling_mean_skips_and_keeps_gaps():
     import numpy as np
 
@@ -334,13 +306,6 @@ def test_rolling_mean_skips_and_keeps_gaps():
     means = chart.rolling_mean(np.array(values), 3)
     expected = [1.5, 1.5, math.nan, 4.5, 5.0, 6.0, 6.5]  # neighbours that are numbers
     assert [str(value) for value in means] == [str(value) for value in expected]
-
-
-def test_steps_covered():
-    assert list(chart.steps_covered([0, 1, 2])) == [1, 1, 1]
-    assert list(chart.steps_covered([9, 19, 29])) == [10, 10, 10]
-    # A log that starts mid-run (continuing the original scripts' run): not step + 1.
-    assert list(chart.steps_covered([5009, 5019])) == [10, 10]
 
 
 def test_redraw_charts_draws_both_or_only_the_loss_chart(tmp_path):
