@@ -19,12 +19,10 @@ when it is complete; until then it lives in hidden temporary files next to them.
 """
 
 import glob
-import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -35,13 +33,11 @@ from pathlib import Path
 
 import click
 
-from support import safe_files
 from support import tokenizer
 from support.command_line import answer_usage_first
 
-SPLITS = ("train", "validation")
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-TRAIN_PERCENT = 99
+SPLITS = ("train", "validation")
 DEFAULT_FILES = "sample/10BT/*.parquet"
 
 
@@ -80,12 +76,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-
-# A safetensors file is: u64 little-endian header length, a JSON header, then the raw tensor
-# data. We don't know the token count until the end, so we reserve room for the header up
-# front and fill it in last; JSON allows the trailing spaces that pad it out. 128 bytes fit
-# the header with 20-digit numbers and keep the data 8-byte aligned, as safetensors does.
-HEADER_SPACE = 128
+from support.token_files import TokenFileWriter, token_dtype, train_document_count  # noqa: E402
 
 
 # pyarrow's string types (string_view only exists in newer pyarrow).
@@ -95,26 +86,6 @@ TEXT_TYPE_CHECKS = [pa.types.is_string, pa.types.is_large_string,
 
 class PrepareError(click.ClickException):
     """A user mistake or bad input; click prints it as one line and exits 1."""
-
-
-def train_document_count(total_documents: int) -> int:
-    """How many leading documents are the train split: the boundary of "train[:99%]".
-
-    Hugging Face datasets turns a percent slice into a row index with
-    int(round(percent * rows / 100.0)) ("closest" rounding, Python's round-half-to-even),
-    and "train[99%:]" starts at the same index, so the two splits partition the rows.
-    """
-    return int(round(TRAIN_PERCENT * total_documents / 100.0))
-
-
-def token_dtype(vocab_size: int):
-    """Token files are uint16, as the seed's: refuse a vocabulary whose ids would not fit."""
-    if vocab_size > np.iinfo(np.uint16).max + 1:
-        raise PrepareError(
-            f"the tokenizer has {vocab_size:,} token ids, but token files store uint16, "
-            f"which holds ids up to {np.iinfo(np.uint16).max:,}"
-        )
-    return np.dtype("<u2")
 
 
 def find_parquet_files(input_dir: Path, pattern: str) -> list[Path]:
@@ -183,43 +154,6 @@ def encode_documents(texts: pa.Array) -> np.ndarray:
     joined = tokenizer.END_OF_TEXT.join(texts.to_pylist()) + tokenizer.END_OF_TEXT
     ids = tokenizer.get_tokenizer().encode_to_numpy(joined, allowed_special={tokenizer.END_OF_TEXT})
     return ids.astype("<u2")
-
-
-class TokenFileWriter:
-    """Streams tokens into a safetensors file under a hidden temporary name.
-
-    `finish` writes the header; `commit` renames the file to its final name. Until then
-    nothing exists under the final name, so an interrupted run cannot leave a file there
-    that looks complete.
-    """
-
-    def __init__(self, final_path: Path):
-        self.final_path = final_path
-        self.temporary_path = safe_files.hidden_temporary(final_path, "partial")
-        self.file = open(self.temporary_path, "wb")
-        self.file.write(bytes(8 + HEADER_SPACE))
-        self.count = 0
-
-    def write(self, tokens: np.ndarray):
-        self.file.write(tokens.tobytes())
-        self.count += len(tokens)
-
-    def finish(self):
-        header = json.dumps(
-            {"tokens": {"dtype": "U16", "shape": [self.count], "data_offsets": [0, 2 * self.count]}},
-            separators=(",", ":"),
-        ).encode()
-        self.file.seek(0)
-        self.file.write(struct.pack("<Q", HEADER_SPACE) + header.ljust(HEADER_SPACE, b" "))
-        safe_files.flush_to_disk(self.file)
-        self.file.close()
-
-    def commit(self):
-        os.replace(self.temporary_path, self.final_path)
-
-    def discard(self):
-        self.file.close()
-        self.temporary_path.unlink(missing_ok=True)
 
 
 def remove_stale_partials(output_dir: Path):

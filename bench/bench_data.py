@@ -277,7 +277,7 @@ def write_token_file(path, gigabytes):
     """A train split of about `gigabytes` GB of uint16 tokens, written in chunks."""
     import numpy as np
 
-    from prepare_datasets import TokenFileWriter
+    from support.token_files import TokenFileWriter
 
     count = int(gigabytes * 1e9) // 2
     if path.is_file() and path.stat().st_size >= count * 2:

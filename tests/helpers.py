@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gpt import GPTModel
 from support import checkpointing
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -108,13 +109,41 @@ def trained(run_dir, datasets_dir, *arguments):
 
 def write_tiny_checkpoint(directory, config, seed=0):
     """model.json + model.safetensors of a freshly initialised GPTModel; returns the model."""
-    from gpt import GPTModel
-
     torch.manual_seed(seed)
     model = GPTModel(config)
     (Path(directory) / "model.json").write_text(json.dumps(config))
     save_file(model.state_dict(), str(Path(directory) / "model.safetensors"))
     return model.eval()
+
+
+def write_original_checkpoint(checkpoints_dir, step, meta, *, model_config=None, written_at="20250101Z000000",
+                              scaler=None, model=None):
+    """A checkpoint as the original scripts (bf269c6) wrote it: model.safetensors without
+    metadata, optimizer.pt, scaler.pt and meta.json, no RNG states; `latest` and `best`
+    pointed at it as they did (unlink, then symlink). meta is meta.json's content (their
+    train_loss, val_loss, is_best; global_step is added); the model is a fresh one after an
+    AdamW step on random tokens (seeded by step) unless given. Returns the directory."""
+    config = model_config or MODEL
+    if model is None:
+        torch.manual_seed(step)
+        model = GPTModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
+    model(torch.randint(0, config["vocab_size"], (2, config["context_length"]))).sum().backward()
+    optimizer.step()
+    name = f"{written_at}-iteration-{step}"
+    checkpoints_dir = Path(checkpoints_dir)
+    path = checkpoints_dir / name
+    path.mkdir(parents=True)
+    save_file(model.state_dict(), str(path / "model.safetensors"))
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save((scaler or torch.amp.GradScaler("cpu")).state_dict(), path / "scaler.pt")
+    meta = {**meta, "global_step": step}
+    (path / "meta.json").write_text(json.dumps(meta))
+    for link in ("latest",) + (("best",) if meta.get("is_best") else ()):
+        if os.path.lexists(checkpoints_dir / link):
+            os.unlink(checkpoints_dir / link)
+        os.symlink(name, checkpoints_dir / link)
+    return path
 
 
 def assert_close_weights(actual, expected, atol):

@@ -23,19 +23,18 @@ from support.benchmark_scores import main_metric, task_scores
 from support.config import TrainConfig
 from support.metrics import METRICS_FILE, open_sinks_on_main_rank
 
+import helpers
 from helpers import (PROJECT_ROOT, copy_run_up_to, environment, final_weights, make_run, metrics_rows,
                      run_training, torchrun_command)
 
 TASKS_DIR = PROJECT_ROOT / "tests" / "data" / "lm_eval_tasks"
 # GPT-2's vocabulary (the tasks are text), everything else tiny; dropout, so that a
 # generator disturbed by the scoring changes the losses that follow.
-MODEL = {"vocab_size": 50257, "emb_dim": 16, "context_length": 16, "n_heads": 2, "n_layers": 2,
-         "drop_rate": 0.1, "qkv_bias": False}
+MODEL = {**helpers.MODEL, "vocab_size": 50257, "emb_dim": 16, "drop_rate": 0.1}
 # 2 ranks x 2 sequences x 16 tokens = 64 tokens a step: 6 steps, checkpoints at 0, 2, 4
 # and 5, benchmarks at 0 and 4 (multiples of 4) and 5 (the last step).
-TRAIN = {"dataset": "toy", "min_train_tokens": 384, "start_train_token": 0, "start_val_token": 0,
-         "minibatch_size": 2, "validation_interval": 2, "validation_batches": 2,
-         "learning_rate": 0.01, "dtype": "fp32", "seed": 7}
+TRAIN = {key: value for key, value in helpers.TRAIN.items() if key not in (
+    "warmup_steps", "lr_schedule", "min_learning_rate", "grad_clip")} | {"min_train_tokens": 384, "validation_batches": 2}
 LIMIT = 5  # of tiny_choice's 12 examples
 
 

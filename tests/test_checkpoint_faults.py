@@ -22,10 +22,9 @@ from support import checkpointing
 
 from support import weights as weight_files
 from support.checkpointing import CheckpointError
-from helpers import one_line_error
+from helpers import one_line_error, run_script
 from test_checkpointing import MODEL_CONFIG, checkpoint_states, save
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
 
 
@@ -494,7 +493,5 @@ def test_test_smoke_refuses_weights_written_for_another_model(tmp_path):
         tmp_path / "checkpoints", meta={"global_step": 0, "val_loss": 1.0, "train_loss": 1.0, "is_best": True},
         model_config=MODEL_CONFIG, **checkpoint_states())
     other = model_json(tmp_path, n_heads=4)
-    result = subprocess.run([sys.executable, "test_smoke.py", str(other), str(saved.path / "model.safetensors"),
-                             "--device", "cpu"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    result = run_script("test_smoke.py", other, saved.path / "model.safetensors", "--device", "cpu", timeout=120)
     one_line_error(result, "was written for n_heads 2", f"{other} has 4")

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from support import charts as chart
 from support import checkpointing
 from support import weights as weight_files
 from support.checkpointing import CheckpointError
 from gpt import GPTModel
+from helpers import MODEL, write_original_checkpoint
 
-MODEL_CONFIG = {"vocab_size": 64, "emb_dim": 16, "context_length": 8, "n_heads": 2, "n_layers": 1,
-                "drop_rate": 0.0, "qkv_bias": False}
+MODEL_CONFIG = {**MODEL, "emb_dim": 16, "context_length": 8, "n_layers": 1}
 
 
 def trained_state():
@@ -115,27 +114,11 @@ def test_keep_checkpoints_keeps_the_newest_plus_best(tmp_path):
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
 
 
-def write_original_checkpoint(checkpoints_dir, name, step, val_loss, is_best, model=None):
-    """A checkpoint exactly as the original scripts wrote it: four files, no RNG states."""
-    model_, optimizer, _ = trained_state()
-    model = model or model_
-    path = Path(checkpoints_dir) / name
-    path.mkdir(parents=True)
-    save_file(model.state_dict(), str(path / "model.safetensors"))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(torch.amp.GradScaler("cpu").state_dict(), path / "scaler.pt")
-    (path / "meta.json").write_text(json.dumps(
-        {"train_loss": val_loss + 0.25, "val_loss": val_loss, "global_step": step, "is_best": is_best}))
-    for link in ("latest",) + (("best",) if is_best else ()):
-        if os.path.lexists(Path(checkpoints_dir) / link):
-            os.unlink(Path(checkpoints_dir) / link)
-        os.symlink(name, Path(checkpoints_dir) / link)
-    return path
-
-
 def test_listing_skips_leftovers_and_reads_original_checkpoints(tmp_path):
-    write_original_checkpoint(tmp_path, "20250101Z000000-iteration-0", 0, 6.0, True)
-    write_original_checkpoint(tmp_path, "20250101Z000100-iteration-100", 100, 5.0, True)
+    write_original_checkpoint(tmp_path, 0, {"train_loss": 6.25, "val_loss": 6.0, "is_best": True},
+                              model_config=MODEL_CONFIG)
+    write_original_checkpoint(tmp_path, 100, {"train_loss": 5.25, "val_loss": 5.0, "is_best": True},
+                              model_config=MODEL_CONFIG, written_at="20250101Z000100")
     # The original scripts, killed mid-save, left a directory without meta.json.
     torn = tmp_path / "20250101Z000200-iteration-200"
     torn.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gpt import GPTModel
 from support import charts as chart
@@ -24,16 +24,13 @@ from support.config import TRAIN_REQUIRED, validate_train_config
 from support.optimizer import learning_rate_at
 
 import helpers
-from helpers import PROJECT_ROOT, run_training
+from helpers import PROJECT_ROOT, run_training, write_original_checkpoint
 
-MODEL = {"vocab_size": 64, "emb_dim": 32, "context_length": 16, "n_heads": 2, "n_layers": 2,
-         "drop_rate": 0.1, "qkv_bias": False}
+MODEL = {**helpers.MODEL, "drop_rate": 0.1}
 # 2 ranks x 2 sequences x 16 tokens = 64 tokens a global step: 512 tokens make 8 steps,
 # checkpoints at steps 0, 3, 6 and 7. Every optional feature is switched on.
-TRAIN = {"dataset": "toy", "min_train_tokens": 512, "start_train_token": 0, "start_val_token": 0,
-         "minibatch_size": 2, "validation_interval": 3, "validation_batches": 3,
-         "learning_rate": 0.01, "warmup_steps": 2, "lr_schedule": "cosine", "min_learning_rate": 0.001,
-         "grad_clip": 0.5, "dtype": "fp32", "seed": 7, "keep_checkpoints": 2}
+TRAIN = {**helpers.TRAIN, "min_train_tokens": 512, "validation_interval": 3, "warmup_steps": 2,
+         "keep_checkpoints": 2}
 STEPS = 8
 
 
@@ -213,29 +210,6 @@ def test_sigkilled_twice_then_resumed_is_bitwise_identical(full_run, tmp_path, d
         assert torch.equal(ours_optimizer["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
 
 
-def write_original_checkpoint(checkpoints_dir, step, val_loss):
-    """A checkpoint as the original scripts wrote it: four files, an fp16 GradScaler's state."""
-    torch.manual_seed(step)
-    model = GPTModel(MODEL)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
-    model(torch.randint(0, 64, (2, 16))).sum().backward()
-    optimizer.step()
-    name = f"20250101Z00000{step}-iteration-{step}"
-    path = checkpoints_dir / name
-    path.mkdir(parents=True)
-    save_file(model.state_dict(), str(path / "model.safetensors"))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    # A scale and growth interval of its own, to see them carried on.
-    torch.save(torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7).state_dict(),
-               path / "scaler.pt")
-    (path / "meta.json").write_text(json.dumps(
-        {"train_loss": val_loss + 0.1, "val_loss": val_loss, "global_step": step, "is_best": True}))
-    for link in ("best", "latest"):
-        if os.path.lexists(checkpoints_dir / link):
-            os.unlink(checkpoints_dir / link)
-        os.symlink(name, checkpoints_dir / link)
-
-
 def test_one_process_resumes_a_checkpoint_of_the_original_scripts(tmp_path, datasets_dir):
     # Plain `python ddp_train.py` (world size 1), gradient accumulation, and the original's
     # fp16 autocast with a GradScaler, whose saved state is carried on.
@@ -243,8 +217,12 @@ def test_one_process_resumes_a_checkpoint_of_the_original_scripts(tmp_path, data
     train.update(min_train_tokens=256, validation_interval=2, gradient_accumulation_steps=2,
                  dtype="fp16")
     run_dir = make_run(tmp_path / "original", train=train)
-    write_original_checkpoint(run_dir / "checkpoints", 0, 9.0)
-    write_original_checkpoint(run_dir / "checkpoints", 1, 8.0)
+    # A scale and growth interval of its own, to see them carried on.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    for step, val_loss in ((0, 9.0), (1, 8.0)):
+        write_original_checkpoint(run_dir / "checkpoints", step, {"train_loss": val_loss + 0.1, "val_loss": val_loss,
+                                                                  "is_best": True},
+                                  model_config=MODEL, written_at=f"20250101Z00000{step}", scaler=scaler)
 
     result = run_training(run_dir, datasets_dir, "latest", nproc=None)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ import os
 import re
 import signal
 import subprocess
-import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -18,15 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from pydoc_data.topics import topics
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import prepare_datasets
 from support import token_data
 from support import tokenizer
-from prepare_datasets import PrepareError, token_dtype, train_document_count
+from helpers import run_script, start_script
+from support.token_files import HEADER_SPACE, TokenFileError, token_dtype, train_document_count
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "prepare_datasets.py"
@@ -83,9 +82,7 @@ def seed_method_tokens(input_dir, cache_dir):
 
 
 def run_prepare(*arguments, cwd, **kwargs):
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], cwd=cwd,
-                          env=environment, capture_output=True, text=True, timeout=120, **kwargs)
+    return run_script(SCRIPT.name, *arguments, cwd=cwd, timeout=120, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +183,8 @@ def test_existing_output_is_kept_unless_forced(tmp_path):
     (output / "README.md").write_text("keep me")
 
     refused = invoke(tmp_path / "in", output, "--workers", 1)
-    assert refused.exit_code == 1
-    assert refused.output.strip().splitlines() == [
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
         f"Error: {output}/train.safetensors already exists; pass --force to replace it (the "
         f"existing files stay until the new ones are complete)"]
     assert (output / "train.safetensors").read_bytes() == b"precious"
@@ -217,7 +214,7 @@ def wait_for_tokens_on_disk(process, output):
     while time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before it could be interrupted"
         for partial in output.glob(".train.safetensors.*.partial"):
-            if partial.stat().st_size > 8 + prepare_datasets.HEADER_SPACE:
+            if partial.stat().st_size > 8 + HEADER_SPACE:
                 return partial
         time.sleep(0.05)
     raise AssertionError("no tokens were written within 60 s")
@@ -242,9 +239,7 @@ def is_running(pid):
 
 
 def start_prepare(arguments, cwd):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, arguments)], cwd=cwd,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_script(SCRIPT.name, *arguments, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_ctrl_c_leaves_nothing_behind(big_corpus):
@@ -286,7 +281,8 @@ def test_killed_run_leaves_no_final_file_and_the_next_run_cleans_up(big_corpus):
 
 
 def invoke(*arguments):
-    return CliRunner().invoke(prepare_datasets.main, [str(argument) for argument in arguments])
+    """prepare_datasets.py on a command line of mistakes: each answered before any work."""
+    return run_script("prepare_datasets.py", *arguments)
 
 
 def test_bad_input_ends_in_one_line_naming_the_culprit(tmp_path):
@@ -294,53 +290,57 @@ def test_bad_input_ends_in_one_line_naming_the_culprit(tmp_path):
     folder.mkdir(parents=True)
 
     result = invoke(tmp_path / "in", tmp_path / "out")
-    assert result.exit_code == 1
-    assert result.output.strip() == f"Error: no files match {folder}/*.parquet"
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: no files match {folder}/*.parquet"
 
     pq.write_table(pa.table({"body": ["x"]}), folder / "a.parquet")
     result = invoke(tmp_path / "in", tmp_path / "out")
-    assert result.exit_code == 1
-    assert result.output.strip() == (f"Error: {folder}/a.parquet: no column 'text' (columns: "
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"Error: {folder}/a.parquet: no column 'text' (columns: "
                                       f"body); choose one with --text-column")
 
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / "a.parquet")
     result = invoke(tmp_path / "in", tmp_path / "out")
-    assert result.exit_code == 1
-    assert result.output.strip() == "Error: the 1 file(s) matching sample/10BT/*.parquet hold no documents"
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: the 1 file(s) matching sample/10BT/*.parquet hold no documents"
 
     pq.write_table(pa.table({"text": ["fine", "also fine", None]}), folder / "a.parquet")
     result = invoke(tmp_path / "in", tmp_path / "out", "--workers", 1)
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1] == (
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
         f"Error: {folder}/a.parquet: row 2 has no text (null in 'text')")
     assert not (tmp_path / "out").exists()  # made for the run, removed with its partial files
 
     (folder / "a.parquet").write_bytes(b"this is not parquet")
     result = invoke(tmp_path / "in", tmp_path / "out")
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert result.output.startswith(f"Error: {folder}/a.parquet: not a readable parquet file")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"Error: {folder}/a.parquet: not a readable parquet file")
 
     (tmp_path / "a-file").write_text("")
     result = invoke(tmp_path / "in", tmp_path / "a-file")
-    assert result.exit_code == 1
-    assert result.output.strip() == f"Error: {tmp_path}/a-file exists and is not a directory"
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: {tmp_path}/a-file exists and is not a directory"
 
     result = invoke(tmp_path / "missing", tmp_path / "out")
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.returncode == 2 and "does not exist" in result.stderr
 
 
 def test_vocabularies_that_do_not_fit_uint16_are_refused():
     assert token_dtype(tokenizer.get_tokenizer().n_vocab) == np.dtype("<u2")
     assert token_dtype(65_536) == np.dtype("<u2")
     for too_big in (65_537, 100_277):
-        with pytest.raises(PrepareError, match=f"the tokenizer has {too_big:,} token ids, but token "
+        with pytest.raises(TokenFileError, match=f"the tokenizer has {too_big:,} token ids, but token "
                                                f"files store uint16, which holds ids up to 65,535"):
             token_dtype(too_big)
 
 
 def make_corpus(*arguments, cwd):
-    return subprocess.run([sys.executable, str(PROJECT / "make_sample_corpus.py"), *map(str, arguments)],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    return run_script("make_sample_corpus.py", *arguments, cwd=cwd, timeout=120)
+
+
+def stdlib_directory():
+    """Where the standard library's sources are: make_sample_corpus.py's default source."""
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def test_sample_corpus_is_fineweb_shaped_real_text_that_prepares(tmp_path):
@@ -374,22 +374,19 @@ def test_sample_corpus_is_fineweb_shaped_real_text_that_prepares(tmp_path):
 
 
 def test_sample_corpus_is_deterministic(tmp_path):
-    import make_sample_corpus
-
     # A small source (one package) keeps this quick; the same code reads the whole library.
-    source = make_sample_corpus.stdlib_directory() / "email"
-    result = make_corpus("corpus", "--source", source, "--megabytes", 1, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    files = sorted((tmp_path / "corpus" / "sample" / "10BT").glob("*.parquet"))
-    table = pa.concat_tables(pq.read_table(path) for path in files)
-
-    # Collected again in this process, the documents come out the same, in the same order.
-    documents = make_sample_corpus.collect_documents(source)
-    expected = list(make_sample_corpus.corpus_rows(documents, 1))
-    assert table.column("text").to_pylist() == [text for _, _, text in expected]
-    assert table.column("id").to_pylist() == [row_id for row_id, _, _ in expected]
-    assert table.column("url").to_pylist() == [url for _, url, _ in expected]
-    assert "python-stdlib:email" in table.column("url").to_pylist()
+    source = stdlib_directory() / "email"
+    tables = []
+    for name in ("first", "second"):
+        result = make_corpus(name, "--source", source, "--megabytes", 1, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        files = sorted((tmp_path / name / "sample" / "10BT").glob("*.parquet"))
+        tables.append(pa.concat_tables(pq.read_table(path) for path in files))
+    # Two runs, two processes: the same documents in the same order, row for row.
+    assert tables[0].num_rows > 100 and tables[0].equals(tables[1])
+    assert "python-stdlib:email" in tables[0].column("url").to_pylist()
+    texts = tables[0].column("text").to_pylist()
+    assert sum(len(text.encode()) for text in texts) >= 1_000_000 and len(set(texts)) > 50
 
 
 def test_prepare_into_a_directory_under_a_file_is_one_line(tmp_path):
@@ -403,9 +400,7 @@ def test_prepare_into_a_directory_under_a_file_is_one_line(tmp_path):
 
 def small_corpus(*arguments, cwd):
     """make_sample_corpus.py on one small package of the standard library: quick."""
-    import make_sample_corpus
-
-    return make_corpus(*arguments, "--source", make_sample_corpus.stdlib_directory() / "email",
+    return make_corpus(*arguments, "--source", stdlib_directory() / "email",
                        cwd=cwd)
 
 

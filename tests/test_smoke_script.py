@@ -1,16 +1,14 @@
 """test_smoke.py run as users run it: a subprocess on a checkpoint file."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from support import tokenizer
 from gpt import generate
-from helpers import SMOKE_SEPARATOR as SEPARATOR, one_line_error, run_script, write_tiny_checkpoint
+from helpers import MODEL, SMOKE_SEPARATOR as SEPARATOR, one_line_error, run_script, write_tiny_checkpoint
 
-CONFIG = dict(vocab_size=50257, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
-              drop_rate=0.0, qkv_bias=False)
+CONFIG = {**MODEL, "vocab_size": 50257, "n_heads": 4}
 
 
 def run_smoke(*args):

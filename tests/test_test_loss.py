@@ -1,11 +1,7 @@
 """test_loss.py run as users run it, on a tiny checkpoint and a local token dataset."""
 
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +9,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from support.devices import default_dtype_name
-from helpers import one_line_error, write_tiny_checkpoint
+from helpers import MODEL, one_line_error, run_script, write_tiny_checkpoint
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG = dict(vocab_size=50257, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
-              drop_rate=0.1, qkv_bias=False)
+CONFIG = {**MODEL, "vocab_size": 50257, "n_heads": 4, "drop_rate": 0.1}
 SPLIT_TOKENS = 2000
 
 
 def run_test_loss(*args, **env):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, "test_loss.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return run_script("test_loss.py", *args, env={"HF_HUB_OFFLINE": "1", **env}, timeout=120)
 
 
 @pytest.fixture(scope="module")
