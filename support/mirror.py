@@ -434,8 +434,10 @@ class CheckpointMirror:
         """Queue a complete checkpoint directory for copying. best_name is the checkpoint
         `best` points at now (kept by the mirror's pruning). Never raises for a failure
         of the disk: that is a warning, and the checkpoint is not mirrored."""
-        checkpoint_dir = Path(checkpoint_dir).resolve()
+        checkpoint_dir = Path(checkpoint_dir).resolve()   # `latest` is the checkpoint it points at
         name = checkpoint_dir.name
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"{checkpoint_dir} is not a checkpoint directory (like 20251209Z143355-iteration-1000)")
         if self._stopping.is_set():
             self._give_up_on(name)
             return

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,8 @@ def test_directory_mirror_copies_every_byte_and_prunes_keeping_best(tmp_path):
     assert {checkpoint.name: files_of(checkpoint) for checkpoint in checkpoints} == originals
     assert visible(checkpoints_dir / mirror.QUEUE_DIR) == set()
     assert failures(lines) == []
+    with pytest.raises(ValueError, match="is not a checkpoint directory"):
+        copier.hand_over(checkpoints_dir, best)
 
 
 def test_a_checkpoint_pruned_locally_before_its_copy_still_arrives(tmp_path):
@@ -196,6 +199,29 @@ def test_a_checkpoint_pruned_locally_before_its_copy_still_arrives(tmp_path):
     assert_mirrored(blocker / "mirror", first_files, first.name)
     assert_mirrored(blocker / "mirror", files_of(second.path), second.name)
     assert all(line.startswith(f"warning: mirror {target}: could not copy {first.name} (") for line in lines)
+
+
+def test_stop_ends_the_copying_at_once_and_leaves_the_queue_for_the_next_start(tmp_path):
+    checkpoints_dir = tmp_path / "run" / "checkpoints"
+    checkpoint = fake_checkpoint(checkpoints_dir, 1, 10)
+    original = files_of(checkpoint)
+    blocker = tmp_path / "storage"
+    blocker.write_text("not mounted yet")
+    lines = Lines()
+    copier = mirror.CheckpointMirror(mirror.DirectoryTarget(blocker / "mirror"), checkpoints_dir, say=lines,
+                                     first_delay=600)
+    copier.hand_over(checkpoint, None)
+    assert lines.arrived.wait(10)   # failed once, now waiting 600 s before the second try
+    started = time.monotonic()
+    assert copier.stop() == [checkpoint.name]
+    assert time.monotonic() - started < 2
+    assert copier.wait(show_progress=False) == [checkpoint.name]
+    assert visible(checkpoints_dir / mirror.QUEUE_DIR) == {checkpoint.name}
+    blocker.unlink()
+    blocker.mkdir()
+    copier = mirror.CheckpointMirror(blocker / "mirror", checkpoints_dir, say=Lines(), first_delay=0.01)
+    assert copier.wait(show_progress=False) == []
+    assert_mirrored(blocker / "mirror", original, checkpoint.name)
 
 
 @pytest.mark.parametrize("point", ["mid-file", "before-rename"])
