@@ -200,6 +200,16 @@ def test_a_checkpoint_pruned_locally_before_its_copy_still_arrives(tmp_path):
     assert_mirrored(blocker / "mirror", files_of(second.path), second.name)
     assert all(line.startswith(f"warning: mirror {target}: could not copy {first.name} (") for line in lines)
 
+    # What a resume reads, from the fetched copy: the newest, its weights and states.
+    fresh = tmp_path / "fresh" / "checkpoints"
+    mirror.fetch_newest(target, fresh, say=Lines(), first_delay=0.01)
+    resumed = checkpointing.resolve_checkpoint(fresh, "latest")
+    assert resumed.name == second.name and resumed.global_step == 2
+    state = checkpointing.read_resume_state(resumed)
+    assert torch.equal(state.rng_state["cpu"], torch.load(second.path / "rng_state.pt")["cpu"])
+    assert torch.equal(checkpointing.read_weights(resumed.path / "model.safetensors")["weight"],
+                       checkpointing.read_weights(second.path / "model.safetensors")["weight"])
+
 
 def test_stop_ends_the_copying_at_once_and_leaves_the_queue_for_the_next_start(tmp_path):
     checkpoints_dir = tmp_path / "run" / "checkpoints"
