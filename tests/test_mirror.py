@@ -399,6 +399,7 @@ def test_hub_mirror_uploads_prunes_and_fetches(tmp_path, monkeypatch):
         assert files_of(fresh / names[0]) == originals[names[0]]
         assert os.readlink(fresh / "latest") == names[2] and os.readlink(fresh / "best") == names[0]
         assert visible(fresh) == {"best", names[0], names[2], "latest"}
+        assert not any(path.is_symlink() for name in (names[0], names[2]) for path in (fresh / name).iterdir())
 
         stored = repo / names[2] / "model.safetensors"
         content = bytearray(stored.read_bytes())
