@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from servers.hub import HubServer
-from support import mirror
+from support import mirror, mirror_targets
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_mirror_token"
@@ -92,7 +92,7 @@ def files_of(directory):
 def assert_mirrored(mirror_dir, checkpoint_files, name):
     """The mirrored checkpoint holds exactly the checkpoint's bytes, plus a manifest of them."""
     copied = files_of(Path(mirror_dir) / name)
-    manifest = json.loads(copied.pop(mirror.MANIFEST_FILE))
+    manifest = json.loads(copied.pop(mirror_targets.MANIFEST_FILE))
     assert copied == checkpoint_files
     assert set(manifest["files"]) == set(checkpoint_files)
     for file_name, content in checkpoint_files.items():
@@ -110,16 +110,16 @@ def visible(directory):
 def test_names_agree_with_checkpointing():
     from support import checkpointing
 
-    assert mirror.NAME_PATTERN.pattern == checkpointing.NAME_PATTERN.pattern
-    assert (mirror.PARTIAL_PREFIX, mirror.DOOMED_PREFIX) == (checkpointing.PARTIAL_PREFIX, checkpointing.DOOMED_PREFIX)
+    assert mirror_targets.NAME_PATTERN.pattern == checkpointing.NAME_PATTERN.pattern
+    assert (mirror_targets.PARTIAL_PREFIX, mirror_targets.DOOMED_PREFIX) == (checkpointing.PARTIAL_PREFIX, checkpointing.DOOMED_PREFIX)
 
 
 def test_parse_target(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    assert mirror.parse_target("hf://me/my-run.v2") == mirror.HubTarget("me/my-run.v2")
-    assert mirror.parse_target(str(tmp_path / "new")) == mirror.DirectoryTarget(tmp_path / "new")
-    assert mirror.parse_target("../elsewhere", run_dir) == mirror.DirectoryTarget(run_dir / "../elsewhere")
+    assert mirror_targets.parse_target("hf://me/my-run.v2") == mirror_targets.HubTarget("me/my-run.v2")
+    assert mirror_targets.parse_target(str(tmp_path / "new")) == mirror_targets.DirectoryTarget(tmp_path / "new")
+    assert mirror_targets.parse_target("../elsewhere", run_dir) == mirror_targets.DirectoryTarget(run_dir / "../elsewhere")
     (tmp_path / "a-file").write_text("")
     refused = {
         5: "must be a directory or hf://OWNER/NAME, got 5",
@@ -134,7 +134,7 @@ def test_parse_target(tmp_path):
     }
     for value, message in refused.items():
         with pytest.raises(ValueError) as caught:
-            mirror.parse_target(value, run_dir)
+            mirror_targets.parse_target(value, run_dir)
         assert message in str(caught.value), (value, str(caught.value))
 
 
@@ -154,14 +154,14 @@ def test_directory_mirror_copies_every_byte_and_prunes_keeping_best(tmp_path):
 
     # keep 2 -> the two newest, and best besides: the second is pruned from the mirror.
     kept = [checkpoints[0].name, checkpoints[2].name, checkpoints[3].name]
-    assert visible(mirror_dir) == {*kept, mirror.LINKS_FILE}
+    assert visible(mirror_dir) == {*kept, mirror_targets.LINKS_FILE}
     for name in kept:
         assert_mirrored(mirror_dir, originals[name], name)
-    assert json.loads((mirror_dir / mirror.LINKS_FILE).read_text()) == {"latest": checkpoints[3].name, "best": best}
-    assert mirror.DirectoryTarget(mirror_dir).complete_names() == kept
+    assert json.loads((mirror_dir / mirror_targets.LINKS_FILE).read_text()) == {"latest": checkpoints[3].name, "best": best}
+    assert mirror_targets.DirectoryTarget(mirror_dir).complete_names() == kept
     # The local checkpoints are untouched, and the queue is empty again.
     assert {checkpoint.name: files_of(checkpoint) for checkpoint in checkpoints} == originals
-    assert visible(checkpoints_dir / mirror.QUEUE_DIR) == set()
+    assert visible(checkpoints_dir / mirror_targets.QUEUE_DIR) == set()
     assert failures(lines) == []
     with pytest.raises(ValueError, match="is not a checkpoint directory"):
         copier.hand_over(checkpoints_dir, best)
@@ -170,11 +170,12 @@ def test_directory_mirror_copies_every_byte_and_prunes_keeping_best(tmp_path):
 def test_a_checkpoint_pruned_locally_before_its_copy_still_arrives(tmp_path):
     import torch
     from support import checkpointing
+    from support import weights as weight_files
 
     checkpoints_dir = tmp_path / "run" / "checkpoints"
     blocker = tmp_path / "storage"
     blocker.write_text("not mounted yet")   # the mirror's parent is a file: every copy fails
-    target = mirror.DirectoryTarget(blocker / "mirror")
+    target = mirror_targets.DirectoryTarget(blocker / "mirror")
 
     def save(step):
         return checkpointing.save_checkpoint(
@@ -207,8 +208,8 @@ def test_a_checkpoint_pruned_locally_before_its_copy_still_arrives(tmp_path):
     assert resumed.name == second.name and resumed.global_step == 2
     state = checkpointing.read_resume_state(resumed)
     assert torch.equal(state.rng_state["cpu"], torch.load(second.path / "rng_state.pt")["cpu"])
-    assert torch.equal(checkpointing.read_weights(resumed.path / "model.safetensors")["weight"],
-                       checkpointing.read_weights(second.path / "model.safetensors")["weight"])
+    assert torch.equal(weight_files.read_weights(resumed.path / "model.safetensors")["weight"],
+                       weight_files.read_weights(second.path / "model.safetensors")["weight"])
 
 
 def test_stop_ends_the_copying_at_once_and_leaves_the_queue_for_the_next_start(tmp_path):
@@ -218,7 +219,7 @@ def test_stop_ends_the_copying_at_once_and_leaves_the_queue_for_the_next_start(t
     blocker = tmp_path / "storage"
     blocker.write_text("not mounted yet")
     lines = Lines()
-    copier = mirror.CheckpointMirror(mirror.DirectoryTarget(blocker / "mirror"), checkpoints_dir, say=lines,
+    copier = mirror.CheckpointMirror(mirror_targets.DirectoryTarget(blocker / "mirror"), checkpoints_dir, say=lines,
                                      first_delay=600)
     copier.hand_over(checkpoint, None)
     assert lines.arrived.wait(10)   # failed once, now waiting 600 s before the second try
@@ -226,7 +227,7 @@ def test_stop_ends_the_copying_at_once_and_leaves_the_queue_for_the_next_start(t
     assert copier.stop() == [checkpoint.name]
     assert time.monotonic() - started < 2
     assert copier.wait(show_progress=False) == [checkpoint.name]
-    assert visible(checkpoints_dir / mirror.QUEUE_DIR) == {checkpoint.name}
+    assert visible(checkpoints_dir / mirror_targets.QUEUE_DIR) == {checkpoint.name}
     blocker.unlink()
     blocker.mkdir()
     copier = mirror.CheckpointMirror(blocker / "mirror", checkpoints_dir, say=Lines(), first_delay=0.01)
@@ -239,7 +240,7 @@ def test_a_copy_killed_halfway_never_counts(tmp_path, point):
     checkpoints_dir, mirror_dir = tmp_path / "run" / "checkpoints", tmp_path / "mirror"
     first = fake_checkpoint(checkpoints_dir, 1, 10)
     # Bigger than one copy chunk, so that "mid-file" kills it halfway through the file.
-    second = fake_checkpoint(checkpoints_dir, 2, 20, model_bytes=mirror.COPY_CHUNK + 1_000_000)
+    second = fake_checkpoint(checkpoints_dir, 2, 20, model_bytes=mirror_targets.COPY_CHUNK + 1_000_000)
     first_files, second_files = files_of(first), files_of(second)
     copier = mirror.CheckpointMirror(mirror_dir, checkpoints_dir, say=Lines(), first_delay=0.01)
     copier.hand_over(first, None)
@@ -249,13 +250,13 @@ def test_a_copy_killed_halfway_never_counts(tmp_path, point):
     killed = run_copier(mirror_dir, checkpoints_dir, [(second, None)],
                         env={"MIRROR_TEST_KILL_AT": f"{point}@{second.name}"})
     assert killed.returncode == -9, killed.stdout + killed.stderr
-    partial = mirror_dir / f"{mirror.PARTIAL_PREFIX}{second.name}"
+    partial = mirror_dir / f"{mirror_targets.PARTIAL_PREFIX}{second.name}"
     if point == "mid-file":
-        assert (partial / "model.safetensors").stat().st_size == mirror.COPY_CHUNK   # half a file
-        assert not (partial / mirror.MANIFEST_FILE).exists()
+        assert (partial / "model.safetensors").stat().st_size == mirror_targets.COPY_CHUNK   # half a file
+        assert not (partial / mirror_targets.MANIFEST_FILE).exists()
     else:
-        assert (partial / mirror.MANIFEST_FILE).is_file()   # complete, but never renamed into place
-    assert mirror.DirectoryTarget(mirror_dir).complete_names() == [first.name]
+        assert (partial / mirror_targets.MANIFEST_FILE).is_file()   # complete, but never renamed into place
+    assert mirror_targets.DirectoryTarget(mirror_dir).complete_names() == [first.name]
     assert not (mirror_dir / second.name).exists()
 
     fresh = tmp_path / "fresh" / "checkpoints"
@@ -274,7 +275,7 @@ def test_a_copy_killed_halfway_never_counts(tmp_path, point):
     assert copier.wait(show_progress=False) == []
     assert lines[0] == f"mirror {mirror_dir}: copying 1 checkpoint(s) an earlier run left waiting: {second.name}"
     assert_mirrored(mirror_dir, second_files, second.name)
-    assert visible(mirror_dir) == {first.name, second.name, mirror.LINKS_FILE}   # the leftover is gone
+    assert visible(mirror_dir) == {first.name, second.name, mirror_targets.LINKS_FILE}   # the leftover is gone
 
 
 # --- fetching on a fresh machine ---
@@ -298,7 +299,7 @@ def test_fetch_into_an_empty_directory_is_byte_exact_and_restores_the_links(tmp_
     names = list(originals)
     # A newer directory without a manifest (another tool's copy, cut short) is no checkpoint.
     unfinished = fake_checkpoint(mirror_dir, 9, 90)
-    assert mirror.DirectoryTarget(mirror_dir).complete_names() == names
+    assert mirror_targets.DirectoryTarget(mirror_dir).complete_names() == names
     fresh = tmp_path / "fresh" / "checkpoints"
     lines = Lines()
     fetched = mirror.fetch_newest(str(mirror_dir), fresh, say=lines, first_delay=0.01)
@@ -313,7 +314,7 @@ def test_fetch_into_an_empty_directory_is_byte_exact_and_restores_the_links(tmp_
     assert [c.name for c in checkpointing.list_checkpoints(fresh)] == names[1:]
     assert checkpointing.link_target(fresh, "latest").name == names[2]
 
-    with pytest.raises(mirror.MirrorError, match="already holds 2 checkpoint"):
+    with pytest.raises(mirror_targets.MirrorError, match="already holds 2 checkpoint"):
         mirror.fetch_newest(mirror_dir, fresh, say=lines, first_delay=0.01)
     assert mirror.fetch_newest(tmp_path / "no-mirror-yet", tmp_path / "other" / "checkpoints") is None
 
@@ -342,7 +343,7 @@ def test_fetch_falls_back_from_a_corrupt_newest(tmp_path):
     name = next(iter(originals))
     (mirror_dir / name / "model.safetensors").write_bytes(originals[name]["model.safetensors"][:-1])
     lines = Lines()
-    with pytest.raises(mirror.MirrorError, match="none of its 1 checkpoint"):
+    with pytest.raises(mirror_targets.MirrorError, match="none of its 1 checkpoint"):
         mirror.fetch_newest(mirror_dir, only / "fresh", say=lines, first_delay=0.01)
     assert warnings(lines) == [f"warning: mirror {mirror_dir}: {name}: model.safetensors has 49999 bytes, "
                                f"its manifest says 50000; no checkpoint before it"]
@@ -375,10 +376,10 @@ def test_hub_mirror_uploads_prunes_and_fetches(tmp_path, monkeypatch):
         assert hub.private == {"me/run-mirror": True}
         repo = tmp_path / "hub" / "models" / "me" / "run-mirror"
         # keep 1: the newest, and best (the first); the second was deleted by a commit.
-        assert visible(repo) == {names[0], names[2], mirror.LINKS_FILE}
+        assert visible(repo) == {names[0], names[2], mirror_targets.LINKS_FILE}
         for name in (names[0], names[2]):
             assert_mirrored(repo, originals[name], name)
-        assert json.loads((repo / mirror.LINKS_FILE).read_text()) == {"latest": names[2], "best": names[0]}
+        assert json.loads((repo / mirror_targets.LINKS_FILE).read_text()) == {"latest": names[2], "best": names[0]}
         assert [summary for _, summary in hub.commits] == [f"Checkpoint {name}" for name in names] + [
             f"Prune checkpoints {names[1]}"]
         # The binary files went by LFS (to storage, without the token; once, though the
@@ -417,7 +418,7 @@ def test_hub_mirror_uploads_prunes_and_fetches(tmp_path, monkeypatch):
         # looks missing then, and starting afresh would be wrong).
         assert mirror.fetch_newest("hf://me/no-such-repo", tmp_path / "none", say=Lines(), first_delay=0.01) is None
         monkeypatch.delenv("HF_TOKEN")
-        with pytest.raises(mirror.MirrorError, match="no Hugging Face token is set"):
+        with pytest.raises(mirror_targets.MirrorError, match="no Hugging Face token is set"):
             mirror.fetch_newest("hf://me/run-mirror", tmp_path / "none", say=Lines(), first_delay=0.01)
 
 
@@ -435,7 +436,7 @@ def test_a_failing_hub_gives_one_warning_per_try_and_names_what_did_not_get_ther
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         fetch_lines = Lines()
-        with pytest.raises(mirror.MirrorError) as caught:
+        with pytest.raises(mirror_targets.MirrorError) as caught:
             mirror.fetch_newest("hf://me/run-mirror", tmp_path / "fresh", say=fetch_lines, tries=2, first_delay=0.01)
     assert caught.value.format_message().startswith(
         "mirror hf://me/run-mirror: could not list the mirrored checkpoints after 2 tries (HfHubHTTPError: ")
@@ -452,5 +453,5 @@ def test_a_failing_hub_gives_one_warning_per_try_and_names_what_did_not_get_ther
         assert tries[2].endswith("it is not mirrored")
         assert all("500 Internal Server Error" in line and "/api/repos/create" in line for line in tries)
     # Given up: the snapshots are gone, and the checkpoints are where they were.
-    assert visible(checkpoints_dir / mirror.QUEUE_DIR) == set()
+    assert visible(checkpoints_dir / mirror_targets.QUEUE_DIR) == set()
     assert all((checkpoint / "model.safetensors").is_file() for checkpoint in checkpoints)
