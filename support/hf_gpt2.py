@@ -18,6 +18,7 @@ temporary copy); the scripts do the rest of the I/O (the model card, the push to
 staging, lm-eval). transformers is imported where it is used: it takes seconds.
 """
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -253,22 +254,31 @@ def _local_weights_file(directory):
 
 def _hub_weights_and_config(repo_id):
     """(the weights file's name, the downloaded config.json) of a Hub repo with safetensors
-    weights. Asked of the Hub first: transformers, told to take safetensors only from a
-    repo without them, would ask a conversion service to make some."""
-    from huggingface_hub import hf_hub_download, list_repo_files
+    weights. Its file list is asked for first: transformers, told to take safetensors only
+    from a repo without them, would ask a conversion service to make some. Offline, the
+    cache answers instead (and transformers asks no service)."""
+    from huggingface_hub import constants, hf_hub_download, list_repo_files
 
-    try:
-        files = list_repo_files(repo_id)
-        config_path = Path(hf_hub_download(repo_id, "config.json")) if "config.json" in files else None
-    except Exception as error:  # the Hub client's exception types change between releases
-        raise _hub_error(repo_id, error) from None
-    if config_path is None:
+    with _asking_the_hub(repo_id):
+        files = (*HUB_WEIGHTS_FILES, "config.json") if constants.HF_HUB_OFFLINE else list_repo_files(repo_id)
+    weights = next((name for name in HUB_WEIGHTS_FILES if name in files), None)
+    if weights is None:
+        raise HFFormatError(f"{repo_id}: no model.safetensors on the Hugging Face Hub (only "
+                            "safetensors weights are taken from the Hub)")
+    if "config.json" not in files:
         raise HFFormatError(f"{repo_id}: no config.json on the Hugging Face Hub")
-    for name in HUB_WEIGHTS_FILES:
-        if name in files:
-            return f"hf://{repo_id}/{name}", config_path
-    raise HFFormatError(f"{repo_id}: no model.safetensors on the Hugging Face Hub (only "
-                        "safetensors weights are taken from the Hub)")
+    with _asking_the_hub(repo_id):
+        return f"hf://{repo_id}/{weights}", Path(hf_hub_download(repo_id, "config.json"))
+
+
+@contextlib.contextmanager
+def _asking_the_hub(repo_id):
+    """Any failure of the block as one line (the Hub client's exception types change
+    between releases)."""
+    try:
+        yield
+    except Exception as error:
+        raise _hub_error(repo_id, error) from None
 
 
 def _hub_error(repo_id, error):

@@ -261,8 +261,9 @@ def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_pat
     """OpenAI's GPT-2 as the Hub serves it -- bare GPT2Model names with the old mask
     buffers, a tied head, pickles beside the safetensors -- imported by import_hf.py from
     the stand-in Hub (tests/servers/hub.py); test_smoke.py, unchanged, then continues the
-    prompt exactly as transformers does with the same weights. A repo with only a pickle,
-    and one that doesn't exist, are one line each."""
+    prompt exactly as transformers does with the same weights. Offline, the import comes
+    from the Hub cache. A repo with only a pickle, and one that doesn't exist, are one line
+    each."""
     theirs = transformers_gpt2(seed=3, tied=True, vocab_size=50257, n_positions=32, n_embd=16,
                                n_layer=1, n_head=2)
     repo = tmp_path / "hub" / "models" / "openai-community" / "gpt2"
@@ -275,7 +276,15 @@ def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_pat
         result = run_script("import_hf.py", "openai-community/gpt2", tmp_path / "gpt2", env=env)
         pickled = run_script("import_hf.py", "someone/pickled", tmp_path / "pickled", env=env)
         not_found = run_script("import_hf.py", "openai-community/gpt-5", tmp_path / "gpt-5", env=env)
+    # The Hub gone, offline: the cache of the first import is enough.
+    offline = run_script("import_hf.py", "openai-community/gpt2", tmp_path / "gpt2-offline",
+                         env={**env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
+    assert offline.returncode == 0, offline.stderr
+    online = load_file(tmp_path / "gpt2" / "model.safetensors")
+    cached = load_file(tmp_path / "gpt2-offline" / "model.safetensors")
+    assert online.keys() == cached.keys()
+    assert all(torch.equal(online[name], cached[name]) for name in online)
     assert hub.downloads_of("model.safetensors") == 1
     assert hub.downloads_of("pytorch_model.bin") == hub.downloads_of("README.md") == 0
     assert printed_parameters(result.stdout) == theirs.num_parameters()  # the tied head once
