@@ -163,9 +163,10 @@ def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias
         assert torch.equal(back[name], tensor), name
 
 
-def test_the_scripts_export_and_import_back_as_users_run_them(tmp_path):
-    """export_hf.py (over an earlier export, with --overwrite) and import_hf.py on a tied
-    checkpoint: their files and closing lines, the tied head counted once both ways."""
+def test_the_export_script_replaces_an_earlier_export_with_overwrite(tmp_path):
+    """export_hf.py as users run it, over an earlier export: its files and closing line,
+    the tied head counted once. (import_hf.py runs as users run it from the Hub below; a
+    local directory in the refusals, where a word of transformers' on stderr would show.)"""
     ours = our_model(TINY, seed=1, tied=True)
     config_path, weights_path = save_ours(tmp_path / "ours", TINY, ours)
     (tmp_path / "export").mkdir()
@@ -178,17 +179,8 @@ def test_the_scripts_export_and_import_back_as_users_run_them(tmp_path):
     assert max_logit_difference(ours, exported, TINY["vocab_size"], TINY["context_length"]) < 1e-4
     assert printed_parameters(result.stdout) == exported.num_parameters()
     assert (tmp_path / "export" / "README.md").read_text().startswith("---\nlicense: apache-2.0\n")
-
-    result = run_script("import_hf.py", tmp_path / "export", tmp_path / "back")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""  # transformers' warnings and progress bar stay quiet
-    assert printed_parameters(result.stdout) == exported.num_parameters()
-    assert "tied head copied into out_head" in result.stdout
-    assert json.loads((tmp_path / "back" / "model.json").read_text()) == TINY
-    original, back = load_file(weights_path), load_file(tmp_path / "back" / "model.safetensors")
-    assert sorted(back) == sorted(original)
-    for name, tensor in original.items():
-        assert torch.equal(back[name], tensor), name
+    assert sorted(os.listdir(tmp_path / "export")) == ["README.md", "config.json",
+                                                       "generation_config.json", "model.safetensors"]
 
 
 def test_our_shapes_of_gpt2_xl_come_from_a_model_that_allocates_nothing():
@@ -488,7 +480,7 @@ def test_export_usage_mistakes(tmp_path, tiny_checkpoint):
     assert_refused(result, 1, "config.json", "--overwrite")
     assert (tmp_path / "export" / "config.json").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path / "export")) == ["config.json"]
-    # --overwrite replacing it: test_the_scripts_export_and_import_back_as_users_run_them
+    # --overwrite replacing it: test_the_export_script_replaces_an_earlier_export_with_overwrite
 
 
 @pytest.fixture
@@ -531,7 +523,8 @@ def test_import_refuses_missing_and_mis_shaped_tensors(tmp_path, hf_checkpoint):
     tensors = load_file(weights_path)
     del tensors["transformer.h.1.mlp.c_fc.weight"]
     save_file(tensors, weights_path)
-    # The script too: transformers' own report of what it didn't load must not reach stderr.
+    # The script too: transformers' own report of what it didn't load, and its progress bar,
+    # must not reach stderr.
     assert_import_refused(tmp_path, hf_checkpoint, 1, str(weights_path),
                           "'transformer.h.1.mlp.c_fc.weight' is missing")
 
