@@ -9,8 +9,8 @@ retries a request up to `max_retries` times after a 408, 409, 429 or 5xx answer,
 connection or a timeout. Between tries it waits what the answer's retry-after-ms or
 retry-after header asks when that is more than 0 and at most two minutes, otherwise 0.5 s
 doubling up to 8 s, less up to 25% jitter so concurrent requests don't retry in step; a
-retry-after over two minutes isn't waited for: the error comes back at once. On top of
-that, ours:
+retry-after over two minutes isn't waited for: the error comes back at once. A server's
+x-should-retry header (true or false) overrides all that. On top of it, ours:
 
 - an exhausted quota (a 429 whose code is insufficient_quota) is not retried: waiting
   won't bring quota back, and it stops the whole run (below);
