@@ -38,9 +38,6 @@ def main(**arguments):
 
 
 answer_usage_first(main)
-# Only now, with the command line known to be good: torch takes seconds to import, and
-# --help or a mistyped option should answer at once.
-from support import hf_gpt2  # noqa: E402
 
 
 # --- model card ---
@@ -182,6 +179,10 @@ def export(model_config_path, model_safetensors_path, output_dir, repo_id, priva
         check_repo_id(repo_id)  # before the export, not after it
     output_dir = Path(output_dir)
     safe_files.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
+    # Only now, with the arguments known to be good: torch and transformers take seconds
+    # to import.
+    from support import hf_gpt2
+
     cfg, weights = hf_gpt2.read_exportable_checkpoint(model_config_path, model_safetensors_path)
     card_name = repo_id or output_dir.resolve().name
     facts = checkpoint_facts(model_safetensors_path)

@@ -4,13 +4,13 @@
 
 HF_MODEL is a Hub repo id (openai-community/gpt2, gpt2-medium, gpt2-large, gpt2-xl;
 safetensors only) or a local directory with config.json and model.safetensors or
-pytorch_model.bin. OUTPUT_DIR gets model.json and model.safetensors with the seed's
-names and mask buffers, so test_smoke.py, test_loss.py and test_ift.py run on it as on
-our own checkpoints -- the way to put GPT-2's own numbers beside a run's.
+pytorch_model.bin, single-file or sharded: transformers' GPT2LMHeadModel.from_pretrained
+reads it. OUTPUT_DIR gets model.json and model.safetensors with the seed's names and mask
+buffers, so test_smoke.py, test_loss.py and test_ift.py run on it as on our own
+checkpoints -- the way to put GPT-2's own numbers beside a run's.
 """
 
 import json
-import pickle
 import re
 from pathlib import Path
 
@@ -18,7 +18,6 @@ import click
 
 from support import safe_files
 from support.command_line import answer_usage_first
-from support.config import read_json_object, validate_model_config
 
 OUTPUT_FILES = ("model.json", "model.safetensors")
 # Hub repo ids: "name" or "owner/name". Anything that exists locally is a local path.
@@ -36,84 +35,10 @@ def main(**arguments):
 
 
 answer_usage_first(main)
-# Only now, with the command line known to be good: torch takes seconds to import, and
-# --help or a mistyped option should answer at once.
-import torch  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from support import hf_gpt2  # noqa: E402
-
-
-def download_from_hub(repo_id):
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(
-            repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]
-        ))
-    except GatedRepoError:
-        raise click.ClickException(
-            f"{repo_id}: a gated repo on the Hugging Face Hub; accept its terms on the Hub, "
-            "then log in (`hf auth login` or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise click.ClickException(
-            f"{repo_id}: no such model repo on the Hugging Face Hub (or it is private and "
-            "you are not logged in: `hf auth login` or HF_TOKEN)") from None
-    # Beyond those two the client raises many exception types (offline, HTTP status,
-    # disk) and changes them between releases; each ends here as one line.
-    except Exception as error:
-        raise click.ClickException(
-            f"{repo_id}: download from the Hugging Face Hub failed: {safe_files.first_line(error)}"
-        ) from None
-
-
-def _read_one_file(path):
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        # weights_only: a pickle from the internet must not run code.
-        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as error:
-        raise hf_gpt2.HFFormatError(
-            f"{path}: not a readable weights file ({safe_files.first_line(error)})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise hf_gpt2.HFFormatError(f"{path}: expected a dict of tensors (a state dict)")
-    return tensors
-
-
-def read_transformers_weights(directory, allow_pickle):
-    """All tensors of a transformers checkpoint directory, single file or sharded.
-
-    Returns (tensors, the path to name in errors)."""
-    formats = [("model.safetensors", "model.safetensors.index.json")]
-    if allow_pickle:
-        formats.append(("pytorch_model.bin", "pytorch_model.bin.index.json"))
-    for single, index in formats:
-        if (directory / single).is_file():
-            return _read_one_file(directory / single), directory / single
-        if (directory / index).is_file():
-            try:
-                weight_map = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-                raise hf_gpt2.HFFormatError(
-                    f"{directory / index}: not a readable shard index ({safe_files.first_line(error)})"
-                ) from None
-            tensors = {}
-            for shard in shards:
-                tensors.update(_read_one_file(directory / shard))
-            return tensors, directory / index
-    if allow_pickle:
-        raise hf_gpt2.HFFormatError(f"{directory}: no model.safetensors or pytorch_model.bin found")
-    raise hf_gpt2.HFFormatError(
-        f"{directory}: no model.safetensors found (only safetensors weights are taken from the Hub)"
-    )
 
 
 def resolve_source(hf_model):
-    """(directory, whether it came from the Hub) for a local path or a Hub repo id."""
+    """(the local directory or Hub repo id, whether it is on the Hub)."""
     local = Path(hf_model).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -123,31 +48,27 @@ def resolve_source(hf_model):
     if not HUB_REPO_ID.match(hf_model):
         raise click.BadParameter(f"{hf_model}: no such directory, and not a Hub repo id",
                                  param_hint="HF_MODEL")
-    return download_from_hub(hf_model), True
+    return hf_model, True
 
 
 def import_model(hf_model, output_dir, overwrite):
     output_dir = Path(output_dir)
     safe_files.refuse_to_overwrite(output_dir, OUTPUT_FILES, overwrite)
     source, from_hub = resolve_source(hf_model)
+    # Only now, with the arguments known to be good: torch and transformers take seconds
+    # to import.
+    import transformers
+    from safetensors.torch import save_file
 
-    config_path = source / "config.json"
-    hf_config = read_json_object(config_path)
-    cfg = hf_gpt2.model_config_from_transformers(hf_config, config_path)
-    tied = hf_config.get("tie_word_embeddings", True)  # GPT2Config's default
-    if not isinstance(tied, bool):
-        raise hf_gpt2.HFFormatError(
-            f"{config_path}: key 'tie_word_embeddings' must be true or false, got {json.dumps(tied)}"
-        )
-    tensors, weights_path = read_transformers_weights(source, allow_pickle=not from_hub)
-    tensors = hf_gpt2.normalise_transformers_names(tensors)
-    cfg, state_dict = hf_gpt2.from_transformers(tensors, cfg, tied, weights_path)
-    # The GPT-2 read, counted as transformers and export_hf.py count it: a tied head once
-    # (out_head is only its copy), the Q/K/V biases even when zero. A round trip prints
-    # the same number both ways.
-    parameters = sum(tensors[name].numel() for name in hf_gpt2.transformers_shapes(cfg, tied))
-    del tensors
-    cfg = validate_model_config(cfg, config_path)
+    from support import hf_gpt2
+
+    # What didn't load is refused by name, in one line: transformers' own report of it
+    # would only repeat that on stderr. Its progress bar goes too where nothing is
+    # downloaded (disabling it also stops the Hub client's).
+    transformers.logging.set_verbosity_error()
+    if not from_hub:
+        transformers.logging.disable_progress_bar()
+    cfg, state_dict, tied, parameters = hf_gpt2.read_transformers_model(source, from_hub)
 
     with safe_files.staged_output(output_dir) as staging:
         save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})

@@ -50,15 +50,13 @@ def main(**arguments):
 
 
 answer_usage_first(main)
-# Only now, with the command line known to be good: torch takes seconds to import, and
-# --help or a mistyped option should answer at once (hf_gpt2 and devices import it).
-# lm-eval itself (seconds more) is imported where it is first needed, after the checks
-# that answer at once.
+# Only now, with the command line known to be good: --help or a mistyped option should
+# answer at once. torch (seconds to import: hf_gpt2 and devices import it) and lm-eval
+# (seconds more) are imported where they are first needed, after the checks that answer
+# at once; benchmark_scores itself imports neither.
 from support import benchmark_scores  # noqa: E402
-from support import hf_gpt2  # noqa: E402
 from support.benchmark_scores import (formatted, lm_eval_task_manager, load_exported_model,  # noqa: E402
                               load_tasks, refuse_what_cannot_run_here, select_tasks)
-from support.devices import choose_device_and_dtype  # noqa: E402
 
 
 # --- what can be checked before any slow work ---
@@ -97,6 +95,8 @@ def check_output(path, overwrite):
 def read_checkpoint(model_json, weights):
     """Our model config and weights, refused now (one line) where they don't fit together
     or can't become a GPT2LMHeadModel that reads text."""
+    from support import hf_gpt2
+
     cfg, state_dict = hf_gpt2.read_exportable_checkpoint(model_json, weights)
     benchmark_scores.refuse_without_gpt2_tokenizer(cfg, model_json)
     return cfg, state_dict
@@ -146,6 +146,8 @@ def score_checkpoint(model_json, weights, tasks, include_paths, num_fewshot, lim
     include_dirs = [checked_include_dir(path) for path in include_paths]
     if output is not None:
         check_output(output, overwrite)
+    from support.devices import choose_device_and_dtype
+
     try:
         device, dtype_name = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:

@@ -10,14 +10,12 @@ As the seed: fine-tune on 85% of instruction-data.json (downloaded when missing)
 the validation loss rises, restoring the best epoch's weights; answer the 10% test
 records greedily; have an LLM judge (OpenAI's Responses API, model gpt-5.1) score each
 answer from 0 to 100; print three examples and the average score. Every record is
-saved to a results file, which `--responses FILE` can judge again later.
+saved to a results file, which `--responses FILE` can judge again later; a run that
+leaves records unscored ends with one line saying how many, and exit status 1.
 """
 
-import itertools
 import json
-import math
 import os
-from functools import partial
 from pathlib import Path
 
 import click
@@ -28,7 +26,6 @@ from support import safe_files
 from support import tokenizer
 from support.command_line import answer_usage_first
 
-VALIDATION_BATCHES = 5  # the seed's validation loss: the first five batches
 EXAMPLES_SHOWN = 3
 
 
@@ -86,10 +83,9 @@ answer_usage_first(main)
 # Only now, with the command line known to be good: torch takes seconds to import, and
 # --help or a mistyped option should answer at once.
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from support import instruction_tuning  # noqa: E402
 from support.weights import load_model  # noqa: E402
 from support.devices import autocast, choose_device_and_dtype  # noqa: E402
 from gpt import generate  # noqa: E402
@@ -97,84 +93,19 @@ from gpt import generate  # noqa: E402
 
 # --- fine-tuning ---
 
-def batch_loss(model, inputs, targets, device, dtype_name):
-    inputs, targets = inputs.to(device), targets.to(device)
-    with autocast(device, dtype_name):
-        logits = model(inputs)
-    # Targets of instruction_data.IGNORE_INDEX (padding) are cross_entropy's ignore_index.
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-@torch.inference_mode()
-def validation_loss(model, loader, device, dtype_name, num_batches=VALIDATION_BATCHES):
-    model.eval()  # no dropout while measuring
-    losses = [batch_loss(model, inputs, targets, device, dtype_name)
-              for inputs, targets in itertools.islice(loader, num_batches)]
-    return torch.stack(losses).mean().item()
-
-
-def train_one_epoch(model, optimizer, scaler, loader, device, dtype_name, epoch):
-    model.train()  # dropout on, as the model was pre-trained
-    total = torch.zeros((), device=device)
-    for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
-        loss = batch_loss(model, inputs, targets, device, dtype_name)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # the scaler only scales in fp16; a no-op otherwise
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.detach()
-    return total.item() / len(loader)
-
-
-def fine_tune(model, optimizer, train_loader, validation_loader, device, dtype_name,
-              max_epochs=None, on_epoch=None):
-    """Train epoch by epoch while the validation loss falls; end with the best epoch's weights.
-
-    on_epoch(epoch, train_loss, validation_loss) is called after every epoch. Returns
-    (best_epoch, epochs_run, history) with history a list of (train_loss, validation_loss).
-    """
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16")
-    best_loss, best_epoch, best_weights = math.inf, 0, None
-    history = []
-    for epoch in itertools.count(1):
-        if max_epochs is not None and epoch > max_epochs:
-            break
-        train_loss = train_one_epoch(model, optimizer, scaler, train_loader, device, dtype_name, epoch)
-        val_loss = validation_loss(model, validation_loader, device, dtype_name)
-        history.append((train_loss, val_loss))
-        if on_epoch is not None:
-            on_epoch(epoch, train_loss, val_loss)
-        if not math.isfinite(val_loss):  # no weights worth generating with (or paying a judge for)
-            raise click.ClickException(f"fine-tuning diverged: validation loss {val_loss} after "
-                                       f"epoch {epoch}; try a lower --learning-rate")
-        if not val_loss < best_loss:  # it rose (or stalled): this epoch made things worse
-            break
-        best_loss, best_epoch = val_loss, epoch
-        # A copy, not model.state_dict() itself: that holds the live tensors, which the
-        # next optimizer step would change under us. Kept on the CPU to spare device memory.
-        best_weights = {name: tensor.detach().to("cpu", copy=True)
-                        for name, tensor in model.state_dict().items()}
-    if best_weights is not None and best_epoch != len(history):
-        model.load_state_dict(best_weights)
-    return best_epoch, len(history), history
-
-
 def instruction_tune(model, train_records, validation_records, batch_size, learning_rate,
                      weight_decay, max_epochs, device, dtype_name):
     """The seed's fine-tuning run, reported as it goes; returns a summary for the results file."""
     def loader(records, shuffle):
-        token_lists = [tokenizer.encode(instruction_data.format_training_text(record))
-                       for record in records]
-        return DataLoader(token_lists, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          collate_fn=partial(instruction_data.collate,
-                                             context_length=model.context_length))
+        return instruction_tuning.data_loader(records, batch_size, model.context_length, shuffle)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    best_epoch, epochs_run, history = fine_tune(
+    best_epoch, epochs_run, history = instruction_tuning.fine_tune(
         model, optimizer, loader(train_records, shuffle=True),
         loader(validation_records, shuffle=False), device, dtype_name, max_epochs,
         on_epoch=lambda epoch, train_loss, val_loss: print(
-            f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True))
+            f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True),
+        progress=lambda batches, epoch: tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False))
     if best_epoch == 0:
         print(f"Validation loss was {history[0][1]} after epoch 1: no better epoch to go back to")
     elif best_epoch != epochs_run:
@@ -304,6 +235,16 @@ def print_scores(results, results_path):
     print(f"Results written to {results_path}")
 
 
+def refuse_unscored(results, results_path):
+    """Exit non-zero, in one line, when judging left records unscored, so that a script
+    or CI can tell; the results file holds their responses for --responses."""
+    unscored = sum(record["score"] is None for record in results["records"])
+    if unscored:
+        raise click.ClickException(
+            f"{unscored} of {len(results['records'])} test records are unscored (listed above); "
+            f"judge them again with: uv run python test_ift.py --responses {results_path}")
+
+
 # --- the whole test ---
 
 def instruction_test(model_config_path, model_safetensors_path, data, data_url, max_epochs,
@@ -336,6 +277,7 @@ def instruction_test(model_config_path, model_safetensors_path, data, data_url, 
         judge_records(settings, saved, results_path)
         print_examples(saved["records"], judged=True)
         print_scores(saved, results_path)
+        refuse_unscored(saved, results_path)
         return
 
     try:
@@ -389,6 +331,7 @@ def instruction_test(model_config_path, model_safetensors_path, data, data_url, 
     judge_records(settings, outcome, results_path)
     print_examples(outcome["records"], judged=True)
     print_scores(outcome, results_path)
+    refuse_unscored(outcome, results_path)
 
 
 if __name__ == "__main__":

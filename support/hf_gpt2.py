@@ -8,12 +8,17 @@ Our GPTModel *is* GPT-2 (learned positions, pre-norm blocks, tanh GELU, LayerNor
     no bias when qkv_bias is false: GPT-2 then gets a zero bias, which adds nothing);
   - GPT-2 ties its output head to the token embedding; ours is a separate `out_head`.
 
-The tokenizer files are derived from the vendored rank file, so nothing is downloaded.
-This module does the mapping, and reads a checkpoint for export and writes the
-transformers directory (export_hf.py's files, test_benchmarks.py's temporary copy);
-the scripts do the rest of the I/O (the model card, the Hub, staging, lm-eval).
+transformers itself reads and writes its side: GPT2LMHeadModel.from_pretrained loads a
+Hub id or a directory (and checks every tensor against config.json), GPT2Config,
+GenerationConfig and GPT2TokenizerFast write config.json, generation_config.json and the
+tokenizer files, which are built from the vendored rank file, so nothing is downloaded.
+This module does the mapping, reads a checkpoint for export or a transformers model for
+import, and writes the transformers directory (export_hf.py's files, test_benchmarks.py's
+temporary copy); the scripts do the rest of the I/O (the model card, the push to the Hub,
+staging, lm-eval). transformers is imported where it is used: it takes seconds.
 """
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -22,11 +27,12 @@ import click
 import torch
 from safetensors.torch import save_file
 
-from . import checkpointing
 
-from .weights import check_state_dict, check_weights_config, read_weights
+from .weights import check_state_dict, check_weights_config, model_shapes, read_weights
 from . import tokenizer
 from .config import read_json_object, validate_model_config
+from .safe_files import first_line
+from gpt import GPTModel
 
 GPT2_MODEL_TYPE = "gpt2"
 # The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key
@@ -36,8 +42,14 @@ GPT2_EXPRESSIBLE_KEYS = ("vocab_size", "emb_dim", "context_length", "n_heads", "
 # transformers' names for GPT-2's tanh-approximated GELU (the same function, ours too).
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
-# GPT-2's attention-mask buffers, which some transformers checkpoints still carry.
-_HF_MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+# The weights files transformers looks for, in its order of preference: from the Hub only
+# the safetensors ones are taken (a pickle from the internet could run code).
+HUB_WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+LOCAL_WEIGHTS_FILES = (*HUB_WEIGHTS_FILES, "pytorch_model.bin", "pytorch_model.bin.index.json")
+# GPT-2's old attention-mask buffers, which OpenAI's checkpoints still carry (under the bare
+# GPT2Model's names): no weights, and nothing GPT2LMHeadModel loads, but not all
+# transformers releases leave both out of the unexpected tensors they report.
+_MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 class HFFormatError(click.ClickException):
@@ -108,69 +120,13 @@ def to_transformers(state_dict, cfg):
     return tensors, tied
 
 
-def transformers_shapes(cfg, tied):
-    """Every tensor GPT2LMHeadModel needs for our config, with its shape."""
-    d, vocab = cfg["emb_dim"], cfg["vocab_size"]
-    shapes = {"transformer.wte.weight": (vocab, d),
-              "transformer.wpe.weight": (cfg["context_length"], d)}
-    for i in range(cfg["n_layers"]):
-        h = f"transformer.h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
-            h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_attn.bias": (3 * d,),
-            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
-            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
-            h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
-            h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,),
-        })
-    shapes["transformer.ln_f.weight"] = (d,)
-    shapes["transformer.ln_f.bias"] = (d,)
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, d)
-    return shapes
+def from_transformers(tensors, cfg, tied):
+    """GPT2LMHeadModel's state dict (as from_pretrained loaded it) -> (our config, our state dict).
 
-
-def normalise_transformers_names(tensors):
-    """Give GPT-2's tensors GPT2LMHeadModel's names and drop the old attention-mask buffers.
-
-    OpenAI's checkpoints on the Hub were saved from the bare GPT2Model, so their names
-    lack the `transformer.` prefix (`h.0.attn.c_attn.weight`, `wte.weight`). Names that
-    are no part of GPT-2 are kept as they are, to be refused by name.
-    """
-    named = {}
-    for name, tensor in tensors.items():
-        if name.startswith(("wte.", "wpe.", "h.", "ln_f.")):
-            name = "transformer." + name
-        if not _HF_MASK_BUFFER.match(name):
-            named[name] = tensor
-    return named
-
-
-def from_transformers(tensors, cfg, tied, path):
-    """GPT2LMHeadModel's tensors (normalised names) -> (our config, our state dict).
-
-    `cfg` is our model config derived from the checkpoint's config.json. Missing,
-    unexpected and mis-shaped tensors are refused, naming the tensor. qkv_bias comes
+    `cfg` is our model config derived from the checkpoint's config.json. qkv_bias comes
     out false when every Q/K/V bias is exactly zero (dropping them changes no number);
     the state dict carries the seed's mask buffers.
     """
-    expected = transformers_shapes(cfg, tied)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise HFFormatError(f"{path}: tensor '{name}' is missing")
-        if tuple(tensors[name].shape) != shape:
-            raise HFFormatError(
-                f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, but config.json "
-                f"(n_embd={cfg['emb_dim']}, n_positions={cfg['context_length']}, "
-                f"vocab_size={cfg['vocab_size']}) needs {shape}"
-            )
-    # A tied checkpoint may still store its head; transformers ignores it in favour of
-    # the embedding, and so do we.
-    known = set(expected) | {"lm_head.weight"}
-    for name in tensors:
-        if name not in known:
-            raise HFFormatError(f"{path}: unexpected tensor '{name}': GPT-2 has no such weight")
-
     cfg = dict(cfg, qkv_bias=any(
         bool(tensors[f"transformer.h.{i}.attn.c_attn.bias"].any()) for i in range(cfg["n_layers"])
     ))
@@ -187,33 +143,22 @@ def from_transformers(tensors, cfg, tied, path):
             if cfg["qkv_bias"]:
                 state_dict[name + "bias"] = bias.clone()
         state_dict[f"trf_blocks.{i}.att.mask"] = causal_mask(cfg["context_length"])
-    # Ours is a separate matrix: a copy, not a second name for the same storage.
-    head = tensors["transformer.wte.weight"] if tied else tensors["lm_head.weight"]
-    state_dict["out_head.weight"] = head.clone()
+    state_dict["out_head.weight"] = _our_head(tensors, tied)
     return cfg, state_dict
 
 
-def our_shapes(cfg):
-    """Every tensor of our GPTModel's state dict for cfg, with its shape.
+def _our_head(tensors, tied):
+    """Our out_head.weight. GPTModel has no tied head, so a tied GPT-2's embedding is
+    copied: a matrix of its own, not a second name for the same storage. (Once our model
+    can tie its head, this and the model config written with it are what change.)"""
+    return (tensors["transformer.wte.weight"] if tied else tensors["lm_head.weight"]).clone()
 
-    Worked out from the config rather than by building a GPTModel, which for GPT-2 XL
-    would mean initialising 1.5 billion parameters just to read off their shapes.
-    """
-    d = cfg["emb_dim"]
-    theirs_shapes = transformers_shapes(cfg, tied=True)
-    shapes = {}
-    for ours, theirs, transpose in _paired_names(cfg["n_layers"]):
-        shape = theirs_shapes[theirs]
-        shapes[ours] = shape[::-1] if transpose else shape
-    for i in range(cfg["n_layers"]):
-        qkv, _ = _qkv_names(i)
-        for name in qkv:
-            shapes[name + "weight"] = (d, d)
-            if cfg["qkv_bias"]:
-                shapes[name + "bias"] = (d,)
-        shapes[f"trf_blocks.{i}.att.mask"] = (cfg["context_length"], cfg["context_length"])
-    shapes["out_head.weight"] = (cfg["vocab_size"], d)
-    return shapes
+
+def our_shapes(cfg):
+    """Every tensor of our GPTModel's state dict for cfg, with its shape, read off a model
+    built on the meta device: no memory is allocated, so GPT-2 XL costs nothing."""
+    with torch.device("meta"):
+        return model_shapes(GPTModel(cfg))
 
 
 def check_our_tensors(state_dict, cfg, path):
@@ -264,47 +209,154 @@ def write_transformers_model(directory, cfg, weights):
     dtype = weights["tok_emb.weight"].dtype
     # transformers reads the "format" entry to know these are PyTorch tensors.
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    for file_name, content in (("config.json", transformers_config(cfg, tied, dtype)),
-                               ("generation_config.json", generation_config(cfg))):
-        (directory / file_name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    transformers_config(cfg, tied, dtype).save_pretrained(directory)
+    generation_config(cfg).save_pretrained(directory)
     if has_gpt2_tokenizer(cfg):
         write_tokenizer_files(directory, cfg["context_length"])
     return tied, dtype, sum(tensor.numel() for tensor in tensors.values())
 
 
+# --- a transformers model in ---
+
+def read_transformers_model(hf_model, from_hub):
+    """(our model config, our state dict, tied, parameter count) of a transformers GPT-2:
+    a Hub repo id (its safetensors weights only) or a local directory.
+
+    config.json is read first, so a model that isn't GPT-2 is refused before any weights
+    are downloaded. Refused with one line naming the file and the key or tensor: a config
+    our model can't compute the same way, no weights file, an unreadable one, a missing,
+    mis-shaped or unexpected tensor. The count is transformers': a tied head once.
+    """
+    if from_hub:
+        weights_name, config_path = _hub_weights_and_config(hf_model)
+    else:
+        config_path = Path(hf_model) / "config.json"
+    hf_config = read_json_object(config_path)
+    cfg = model_config_from_transformers(hf_config, config_path)
+    tied = hf_config.get("tie_word_embeddings", True)  # GPT2Config's default
+    if not isinstance(tied, bool):
+        raise HFFormatError(
+            f"{config_path}: key 'tie_word_embeddings' must be true or false, got {json.dumps(tied)}"
+        )
+    if not from_hub:
+        weights_name = _local_weights_file(Path(hf_model))
+    model = _load_gpt2(hf_model, from_hub, weights_name, cfg)
+    parameters = model.num_parameters()
+    cfg, state_dict = from_transformers(model.state_dict(), cfg, tied)
+    return validate_model_config(cfg, config_path), state_dict, tied, parameters
+
+
+def _local_weights_file(directory):
+    for name in LOCAL_WEIGHTS_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise HFFormatError(f"{directory}: no model.safetensors or pytorch_model.bin found")
+
+
+def _hub_weights_and_config(repo_id):
+    """(the weights file's name, the downloaded config.json) of a Hub repo with safetensors
+    weights. Its file list is asked for first: transformers, told to take safetensors only
+    from a repo without them, would ask a conversion service to make some. Offline, the
+    cache answers instead (and transformers asks no service)."""
+    from huggingface_hub import constants, hf_hub_download, list_repo_files
+
+    with _asking_the_hub(repo_id):
+        files = (*HUB_WEIGHTS_FILES, "config.json") if constants.HF_HUB_OFFLINE else list_repo_files(repo_id)
+    weights = next((name for name in HUB_WEIGHTS_FILES if name in files), None)
+    if weights is None:
+        raise HFFormatError(f"{repo_id}: no model.safetensors on the Hugging Face Hub (only "
+                            "safetensors weights are taken from the Hub)")
+    if "config.json" not in files:
+        raise HFFormatError(f"{repo_id}: no config.json on the Hugging Face Hub")
+    with _asking_the_hub(repo_id):
+        return f"hf://{repo_id}/{weights}", Path(hf_hub_download(repo_id, "config.json"))
+
+
+@contextlib.contextmanager
+def _asking_the_hub(repo_id):
+    """Any failure of the block as one line (the Hub client's exception types change
+    between releases)."""
+    try:
+        yield
+    except Exception as error:
+        raise _hub_error(repo_id, error) from None
+
+
+def _hub_error(repo_id, error):
+    """One line for a failed Hub request; transformers wraps the Hub client's errors in OSError."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    causes = [error]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    if any(isinstance(cause, GatedRepoError) for cause in causes):
+        return click.ClickException(
+            f"{repo_id}: a gated repo on the Hugging Face Hub; accept its terms on the Hub, "
+            "then log in (`hf auth login` or HF_TOKEN)")
+    if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
+        return click.ClickException(
+            f"{repo_id}: no such model repo on the Hugging Face Hub (or it is private and "
+            "you are not logged in: `hf auth login` or HF_TOKEN)")
+    return click.ClickException(
+        f"{repo_id}: download from the Hugging Face Hub failed: {first_line(error)}")
+
+
+def _load_gpt2(hf_model, from_hub, weights_name, cfg):
+    """GPT2LMHeadModel.from_pretrained, with every tensor it could not load refused by name."""
+    import transformers
+
+    try:
+        model, loading = transformers.GPT2LMHeadModel.from_pretrained(
+            hf_model,
+            use_safetensors=True if from_hub else None,  # a local pytorch_model.bin: weights_only
+            ignore_mismatched_sizes=True,  # so that mis-shaped tensors are listed, not raised
+            output_loading_info=True)
+    except Exception as error:  # its exception types, like the Hub client's, vary between releases
+        if from_hub and isinstance(error, OSError):
+            raise _hub_error(hf_model, error) from None
+        raise HFFormatError(f"{weights_name}: not a readable weights file ({first_line(error)})") from None
+    missing = sorted(loading["missing_keys"])
+    unexpected = sorted(name for name in loading["unexpected_keys"] if not _MASK_BUFFER.match(name))
+    mismatched = sorted(loading["mismatched_keys"])  # (name, stored shape, needed shape)
+    if missing:
+        raise HFFormatError(f"{weights_name}: tensor '{missing[0]}' is missing")
+    if mismatched:
+        name, stored, needed = mismatched[0]
+        raise HFFormatError(
+            f"{weights_name}: tensor '{name}' has shape {tuple(stored)}, but config.json "
+            f"(n_embd={cfg['emb_dim']}, n_positions={cfg['context_length']}, "
+            f"vocab_size={cfg['vocab_size']}) needs {tuple(needed)}")
+    if unexpected:
+        raise HFFormatError(f"{weights_name}: unexpected tensor '{unexpected[0]}': GPT-2 has no such weight")
+    return model
+
+
 # --- config ---
 
 def transformers_config(cfg, tied, dtype):
-    """config.json for GPT2LMHeadModel (every key written out, as save_pretrained does)."""
+    """config.json's GPT2Config: our architecture, spelled out in GPT-2's keys."""
+    import transformers
+
     eot = tokenizer.END_OF_TEXT_ID if cfg["vocab_size"] > tokenizer.END_OF_TEXT_ID else None
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": GPT2_MODEL_TYPE,
-        "vocab_size": cfg["vocab_size"],
-        "n_positions": cfg["context_length"],
-        "n_ctx": cfg["context_length"],  # read by old transformers releases
-        "n_embd": cfg["emb_dim"],
-        "n_layer": cfg["n_layers"],
-        "n_head": cfg["n_heads"],
-        "n_inner": None,  # 4 * n_embd, as ours
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": LAYER_NORM_EPS,
-        "resid_pdrop": cfg["drop_rate"],
-        "embd_pdrop": cfg["drop_rate"],
-        "attn_pdrop": cfg["drop_rate"],
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "tie_word_embeddings": tied,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "use_cache": True,
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,  # the name transformers 4.x reads
-    }
+    return transformers.GPT2Config(
+        vocab_size=cfg["vocab_size"],
+        n_positions=cfg["context_length"],
+        n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"],
+        n_head=cfg["n_heads"],
+        # GPT2Config's defaults, and our model's math: written out, as we depend on them.
+        n_inner=None,  # 4 * n_embd
+        activation_function="gelu_new",
+        layer_norm_epsilon=LAYER_NORM_EPS,
+        resid_pdrop=cfg["drop_rate"],
+        embd_pdrop=cfg["drop_rate"],
+        attn_pdrop=cfg["drop_rate"],
+        tie_word_embeddings=tied,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        architectures=["GPT2LMHeadModel"],
+        torch_dtype=dtype,  # transformers 4's name, which 5 takes too (for its `dtype`)
+    )
 
 
 # transformers' text-generation pipeline asks for this many new tokens when the model's
@@ -321,9 +373,11 @@ def default_max_new_tokens(context_length):
 
 
 def generation_config(cfg):
+    import transformers
+
     eot = tokenizer.END_OF_TEXT_ID if cfg["vocab_size"] > tokenizer.END_OF_TEXT_ID else None
-    return {"bos_token_id": eot, "eos_token_id": eot,
-            "max_new_tokens": default_max_new_tokens(cfg["context_length"])}
+    return transformers.GenerationConfig(bos_token_id=eot, eos_token_id=eot,
+                                         max_new_tokens=default_max_new_tokens(cfg["context_length"]))
 
 
 def model_config_from_transformers(hf_config, path):
@@ -383,39 +437,24 @@ def model_config_from_transformers(hf_config, path):
 # --- tokenizer files ---
 
 def write_tokenizer_files(directory, model_max_length):
-    """vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, and
-    tokenizer.json when the `tokenizers` library is installed. Returns the names written."""
-    directory = Path(directory)
+    """GPT-2's tokenizer, built from the vendored rank file: tokenizer.json and
+    tokenizer_config.json (and special_tokens_map.json on transformers 4) from
+    GPT2TokenizerFast.save_pretrained, plus vocab.json and merges.txt, from which readers
+    without tokenizer.json build it (transformers 5 no longer writes them)."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
     vocab, merges = tokenizer.gpt2_vocab_and_merges()
     eot = tokenizer.END_OF_TEXT
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{first} {second}\n" for first, second in merges), encoding="utf-8"
-    )
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model_max_length,
-        "bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": None,
-        "add_prefix_space": False,
-        "add_bos_token": False,
-        "errors": "replace",
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(tokenizer.END_OF_TEXT_ID): {
-            "content": eot, "lstrip": False, "rstrip": False, "normalized": False,
-            "single_word": False, "special": True}},
-    }, indent=2) + "\n", encoding="utf-8")
-    (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2) + "\n", encoding="utf-8")
-    written = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
-    try:
-        from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-        from tokenizers.models import BPE
-    except ImportError:  # transformers builds the fast tokenizer from vocab.json + merges.txt
-        return written
     fast = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
     fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split pattern
     fast.decoder = decoders.ByteLevel()
     fast.post_processor = processors.ByteLevel(trim_offsets=False)
     fast.add_special_tokens([AddedToken(eot, special=True, normalized=False)])
-    fast.save(str(directory / "tokenizer.json"))
-    return written + ["tokenizer.json"]
+    fast.model.save(str(directory))  # vocab.json, merges.txt
+    transformers.GPT2TokenizerFast(
+        tokenizer_object=fast, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=None,
+        add_prefix_space=False, model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    ).save_pretrained(directory)

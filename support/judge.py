@@ -2,31 +2,33 @@
 
 The judge is OpenAI's Responses API by default (as the seed), or Chat Completions for
 OpenAI-compatible servers (Ollama, vLLM, llama.cpp) that don't speak Responses.
-Requests run concurrently, at most `concurrency` at a time. The SDK's own retries are
-switched off so the policy is ours and visible here:
+Requests run concurrently, at most `concurrency` at a time.
 
-- 408, 409, 429 and 5xx answers and connection failures are retried up to
-  `max_retries` times, waiting what the server's retry-after(-ms) header asks
-  (up to a minute) or else an exponential backoff with jitter;
-- a reply that isn't an integer from 0 to 100 is asked again once, then the
-  record is counted as unscored;
-- a rejected key (401/403), an unknown model or endpoint (404) or an exhausted
-  quota would fail every request the same way, so they stop the whole run.
+Retrying is the SDK's own (`max_retries` on the client; openai's _base_client.py). It
+retries a request up to `max_retries` times after a 408, 409, 429 or 5xx answer, a lost
+connection or a timeout. Between tries it waits what the answer's retry-after-ms or
+retry-after header asks when that is more than 0 and at most two minutes, otherwise 0.5 s
+doubling up to 8 s, less up to 25% jitter so concurrent requests don't retry in step; a
+retry-after over two minutes isn't waited for: the error comes back at once. A server's
+x-should-retry header (true or false) overrides all that. On top of it, ours:
+
+- an exhausted quota (a 429 whose code is insufficient_quota) is not retried: waiting
+  won't bring quota back, and it stops the whole run (below);
+- a reply that isn't an integer from 0 to 100 is asked again once, then the record is
+  counted as unscored;
+- a rejected key (401/403), an unknown model or endpoint (404) or an exhausted quota
+  would fail every request the same way, so they stop the whole run.
 """
 
 import asyncio
 import dataclasses
 import os
-import random
 import re
 
 import click
 
 DEFAULT_MODEL = "gpt-5.1"
 APIS = ("responses", "chat")
-BACKOFF_START_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 30.0
-RETRY_AFTER_MAX_SECONDS = 60.0
 # Local servers ignore the key, but the SDK refuses to start without one.
 PLACEHOLDER_KEY = "no-key-needed"
 
@@ -87,33 +89,46 @@ class Verdict:
 
 # --- talking to the judge ---
 # Each function below that uses openai imports it itself, not once at the top: the SDK
-# takes seconds to import, and test_ift.py reads this module's defaults for its --help.
+# takes a second to import, and test_ift.py reads this module's defaults for its --help.
 
-def _client(settings) -> "openai.AsyncOpenAI":
+async def _no_retry_after_exhausted_quota(response):
+    """The SDK retries every 429; x-should-retry: false, a header it obeys, stops it for
+    a 429 that says the quota is gone."""
+    if response.status_code != 429:
+        return
+    await response.aread()
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return
+    if code == "insufficient_quota":
+        response.headers["x-should-retry"] = "false"
+
+
+def _client(settings):
+    """An AsyncOpenAI client for the judge (openai is imported here: it is slow to import)."""
     import openai
 
     options = {"base_url": settings.base_url} if settings.base_url else {}
-    return openai.AsyncOpenAI(api_key=settings.api_key, max_retries=0, **options)
+    http_client = openai.DefaultAsyncHttpxClient(
+        event_hooks={"response": [_no_retry_after_exhausted_quota]})
+    return openai.AsyncOpenAI(api_key=settings.api_key, max_retries=settings.max_retries,
+                              http_client=http_client, **options)
 
 
 def _describe(error) -> str:
+    """What went wrong, and after how many tries when the SDK retried."""
     import openai
 
     if isinstance(error, openai.APIStatusError):
         body = error.body if isinstance(error.body, dict) else {}
         message = body.get("message") or error.message
-        return f"HTTP {error.status_code}: {message}"
-    return f"{type(error).__name__}: {error}"
-
-
-def _is_retryable(error) -> bool:
-    import openai
-
-    if isinstance(error, openai.APIConnectionError):  # includes timeouts
-        return True
-    if not isinstance(error, openai.APIStatusError) or error.code == "insufficient_quota":
-        return False  # waiting won't bring quota back
-    return error.status_code in (408, 409, 429) or error.status_code >= 500
+        described = f"HTTP {error.status_code}: {message}"
+    else:
+        described = f"{type(error).__name__}: {error}"
+    # The SDK numbers each try in this header of the request it sends.
+    retries = int(error.request.headers.get("x-stainless-retry-count", 0))
+    return described + (f" (gave up after {retries + 1} attempts)" if retries else "")
 
 
 def _fatal(error, settings) -> JudgeError | None:
@@ -132,34 +147,6 @@ def _fatal(error, settings) -> JudgeError | None:
     return None
 
 
-def retry_delay(retry, headers=None) -> float:
-    """Seconds to wait before retry number `retry` (0-based)."""
-    for header, seconds_per_unit in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = (headers or {}).get(header)
-        try:
-            delay = float(value) * seconds_per_unit
-        except (TypeError, ValueError):
-            continue
-        if 0 <= delay <= RETRY_AFTER_MAX_SECONDS:
-            return delay
-    backoff = min(BACKOFF_START_SECONDS * 2 ** retry, BACKOFF_MAX_SECONDS)
-    return backoff * random.uniform(0.75, 1.0)  # jitter: concurrent requests don't retry in step
-
-
-async def _with_retries(settings, request):
-    """Await request() until it succeeds; an error that retrying can't fix is raised at once."""
-    import openai
-
-    for retry in range(settings.max_retries + 1):
-        try:
-            return await request()
-        except openai.APIError as error:
-            if not _is_retryable(error) or retry == settings.max_retries:
-                raise
-            response = getattr(error, "response", None)
-            await asyncio.sleep(retry_delay(retry, response.headers if response is not None else None))
-
-
 async def _ask(client, settings, prompt) -> str:
     if settings.api == "responses":
         response = await client.responses.create(model=settings.model, input=prompt)
@@ -175,14 +162,12 @@ async def _judge_one(client, settings, prompt) -> Verdict:
     reply = None
     for _ in range(2):  # a malformed reply gets one more chance
         try:
-            reply = await _with_retries(settings, lambda: _ask(client, settings, prompt))
+            reply = await _ask(client, settings, prompt)
         except openai.APIError as error:
             fatal = _fatal(error, settings)
             if fatal is not None:
                 raise fatal from None
-            gave_up = (f" (gave up after {settings.max_retries + 1} attempts)"
-                       if _is_retryable(error) else "")
-            return Verdict(score=None, reply=reply, error=_describe(error) + gave_up)
+            return Verdict(score=None, reply=reply, error=_describe(error))
         score = parse_score(reply)
         if score is not None:
             return Verdict(score=score, reply=reply)
@@ -195,7 +180,7 @@ async def _check(settings):
 
     async with _client(settings) as client:
         try:
-            page = await _with_retries(settings, lambda: client.models.list())
+            page = await client.models.list()
         except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
             raise _fatal(error, settings) from None
         except openai.APIConnectionError as error:

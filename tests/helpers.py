@@ -68,8 +68,10 @@ def torchrun_command(launcher_options, run_dir, datasets_dir, *arguments):
 
 def environment(extra=None):
     """The tests' environment for a script: one thread per process (two pytest workers share
-    two cores, and torchrun's ranks share them again), plus `extra`."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+    two cores, and torchrun's ranks share them again), plus `extra`, where a variable given
+    as None is left out."""
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+    return {name: value for name, value in merged.items() if value is not None}
 
 
 def run_script(script, *arguments, cwd=PROJECT_ROOT, env=None, timeout=300, **options):

@@ -3,10 +3,12 @@
 The numbers are checked both ways (our logits == transformers' within 1e-4 in fp32),
 the round trips bit for bit, the tokenizer on a varied text set, and the push on the
 real huggingface_hub client talking to tests/servers/hub_upload.py over HTTP.
-Most runs go through click's test runner in this process (importing torch in a fresh
-process costs seconds on this machine); real subprocesses run where the process
-boundary matters: the Hub download and push (the client reads HF_ENDPOINT at import
-time).
+The conversions both ways run in this process through the support package's hf_gpt2 (the
+scripts' own code: export_hf.py writes with write_transformers_model, import_hf.py reads
+with read_transformers_model), across every layout: importing torch and transformers in a
+fresh process costs seconds on this machine. The scripts themselves run as users run them,
+in subprocesses, once per path of their own: the Hub download and push, the files and the
+closing line, and each kind of mistake.
 """
 
 import json
@@ -14,29 +16,24 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import click
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import export_hf
-import import_hf
+from support import hf_gpt2
 from support import safe_files
-import test_smoke
 from support import tokenizer
 from support.weights import load_model
 from gpt import GPTModel, generate
 import transformers  # the dev dependency group
+from helpers import SMOKE_SEPARATOR, one_line_error, run_script
 from servers.hub import HubServer
 from servers.hub_upload import HubUploadServer
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=97, emb_dim=32, context_length=16, n_heads=4, n_layers=2,
             drop_rate=0.0, qkv_bias=False)
 # The tokenizer needs GPT-2's whole vocabulary; everything else stays tiny.
@@ -47,27 +44,40 @@ TOKEN = "hf_stand_in_token_0123456789"
 
 # --- helpers ---
 
-def run_script(script, *args, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def invoke(command, *args):
-    return CliRunner().invoke(command, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, exit_code, *fragments):
-    """A user mistake: one error line on stderr, no traceback. Exit code 1 is an error
-    about a file (just that line); 2 a usage error, which click prefixes with the usage."""
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception  # not a crash
-    lines = result.stderr.strip().splitlines()
+def assert_refused(result, exit_code, *fragments):
+    """A user mistake: no traceback, the line on stderr holding every fragment. Exit code
+    1 is an error about a file (just that line); 2 a usage error, which click prefixes
+    with the usage."""
     if exit_code == 1:
-        assert len(lines) == 1, result.stderr
-    assert lines[-1].startswith("Error: "), result.stderr
+        one_line_error(result, *fragments)
+        assert result.stderr.startswith("Error: ")
+        return
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: "), result.stderr
     for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
+        assert fragment in last, last
+
+
+def refusal(function, *args):
+    """The one line a package function refuses its input with (the scripts print it as is)."""
+    with pytest.raises(click.ClickException) as refused:
+        function(*args)
+    return refused.value.format_message()
+
+
+def export(config_path, weights_path, directory):
+    """export_hf.py's transformers files, by the code it writes them with (it adds the model
+    card and stages the directory). Returns (tied, dtype, parameter count)."""
+    cfg, weights = hf_gpt2.read_exportable_checkpoint(config_path, weights_path)
+    directory.mkdir(parents=True)
+    return hf_gpt2.write_transformers_model(directory, cfg, weights)
+
+
+def import_local(directory):
+    """import_hf.py's reading of a local directory: (cfg, state dict, tied, parameter count)."""
+    return hf_gpt2.read_transformers_model(directory, from_hub=False)
 
 
 def perturbed(model, seed):
@@ -134,26 +144,57 @@ def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias
     ours = our_model(cfg, seed=1, tied=tied)
     config_path, weights_path = save_ours(tmp_path / "ours", cfg, ours)
 
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
-    assert result.exit_code == 0, result.output
+    exported_tied, _, exported_parameters = export(config_path, weights_path, tmp_path / "export")
+    assert exported_tied is tied
     exported = load_exported(tmp_path / "export")
     assert exported.config.tie_word_embeddings is tied
     assert exported.config.n_positions == cfg["context_length"]
     assert "auto_map" not in json.loads((tmp_path / "export" / "config.json").read_text())
     assert ("lm_head.weight" in load_file(tmp_path / "export" / "model.safetensors")) is not tied
     assert max_logit_difference(ours, exported, cfg["vocab_size"], cfg["context_length"]) < 1e-4
-    exported_parameters = printed_parameters(result.stdout)
     assert exported_parameters == exported.num_parameters()
 
-    result = invoke(import_hf.main, tmp_path / "export", tmp_path / "back")
-    assert result.exit_code == 0, result.output
-    assert printed_parameters(result.stdout) == exported_parameters  # a tied head counted once
-    assert ("tied head copied into out_head" in result.stdout) is tied
-    assert json.loads((tmp_path / "back" / "model.json").read_text()) == cfg
-    original, back = load_file(weights_path), load_file(tmp_path / "back" / "model.safetensors")
+    back_cfg, back, back_tied, parameters = import_local(tmp_path / "export")
+    assert parameters == exported_parameters  # a tied head counted once
+    assert back_tied is tied and back_cfg == cfg
+    original = load_file(weights_path)
     assert sorted(back) == sorted(original)  # the mask buffers included
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
+
+
+def test_the_export_script_replaces_an_earlier_export_with_overwrite(tmp_path):
+    """export_hf.py as users run it, over an earlier export: its files and closing line,
+    the tied head counted once. (import_hf.py runs as users run it from the Hub below; a
+    local directory in the refusals, where a word of transformers' on stderr would show.)"""
+    ours = our_model(TINY, seed=1, tied=True)
+    config_path, weights_path = save_ours(tmp_path / "ours", TINY, ours)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("an earlier export's")
+
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "GPT2LMHeadModel" in result.stdout and "tied output head" in result.stdout
+    exported = load_exported(tmp_path / "export")
+    assert max_logit_difference(ours, exported, TINY["vocab_size"], TINY["context_length"]) < 1e-4
+    assert printed_parameters(result.stdout) == exported.num_parameters()
+    assert (tmp_path / "export" / "README.md").read_text().startswith("---\nlicense: apache-2.0\n")
+    assert sorted(os.listdir(tmp_path / "export")) == ["README.md", "config.json",
+                                                       "generation_config.json", "model.safetensors"]
+
+
+def test_our_shapes_of_gpt2_xl_come_from_a_model_that_allocates_nothing():
+    xl = dict(vocab_size=50257, emb_dim=1600, context_length=1024, n_heads=25, n_layers=48,
+              drop_rate=0.1, qkv_bias=True)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    shapes = hf_gpt2.our_shapes(xl)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 512 * 1024
+    assert shapes["trf_blocks.47.att.W_query.weight"] == (1600, 1600)
+    assert shapes["trf_blocks.47.att.mask"] == (1024, 1024)
+    assert shapes["out_head.weight"] == (50257, 1600)
+    # GPT-2 XL's 1,557,611,200 parameters, plus our separate head; the masks aren't parameters.
+    parameters = sum(torch.Size(shape).numel() for name, shape in shapes.items() if not name.endswith(".mask"))
+    assert parameters == 1_557_611_200 + 50257 * 1600
 
 
 # --- import, then export back ---
@@ -185,22 +226,21 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
     else:
         theirs.save_pretrained(source)
 
-    result = invoke(import_hf.main, source, tmp_path / "ours")
-    assert result.exit_code == 0, result.output
-    imported_parameters = printed_parameters(result.stdout)
+    cfg, state_dict, imported_tied, imported_parameters = import_local(source)
+    assert imported_tied is tied
     assert imported_parameters == theirs.num_parameters()  # a tied head counted once
-    cfg = json.loads((tmp_path / "ours" / "model.json").read_text())
     assert cfg == dict(TINY, drop_rate=0.1, qkv_bias=True)
-    ours = load_model(tmp_path / "ours" / "model.json", tmp_path / "ours" / "model.safetensors")  # strict
+    config_path, weights_path = tmp_path / "ours" / "model.json", tmp_path / "ours" / "model.safetensors"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(cfg))  # as import_hf.py writes them
+    save_file(state_dict, weights_path, metadata={"format": "pt"})
+    ours = load_model(config_path, weights_path)  # strict
     assert max_logit_difference(ours, theirs, cfg["vocab_size"], cfg["context_length"]) < 1e-4
-    weights = load_file(tmp_path / "ours" / "model.safetensors")
     for i in range(cfg["n_layers"]):  # the seed's buffers, as the original scripts save them
-        assert torch.equal(weights[f"trf_blocks.{i}.att.mask"], torch.triu(torch.ones(16, 16), diagonal=1))
+        assert torch.equal(state_dict[f"trf_blocks.{i}.att.mask"], torch.triu(torch.ones(16, 16), diagonal=1))
 
-    result = invoke(export_hf.main, tmp_path / "ours" / "model.json",
-                    tmp_path / "ours" / "model.safetensors", tmp_path / "back")
-    assert result.exit_code == 0, result.output
-    assert printed_parameters(result.stdout) == imported_parameters
+    _, _, exported_parameters = export(config_path, weights_path, tmp_path / "back")
+    assert exported_parameters == imported_parameters
     back = load_file(tmp_path / "back" / "model.safetensors")
     expected = {name: tensor for name, tensor in theirs.state_dict().items()
                 if not (tied and name == "lm_head.weight")}
@@ -213,36 +253,53 @@ def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_pat
     """OpenAI's GPT-2 as the Hub serves it -- bare GPT2Model names with the old mask
     buffers, a tied head, pickles beside the safetensors -- imported by import_hf.py from
     the stand-in Hub (tests/servers/hub.py); test_smoke.py, unchanged, then continues the
-    prompt exactly as transformers does with the same weights."""
+    prompt exactly as transformers does with the same weights. Offline, the import comes
+    from the Hub cache. A repo with only a pickle, and one that doesn't exist, are one line
+    each."""
     theirs = transformers_gpt2(seed=3, tied=True, vocab_size=50257, n_positions=32, n_embd=16,
                                n_layer=1, n_head=2)
     repo = tmp_path / "hub" / "models" / "openai-community" / "gpt2"
     save_openai_style(theirs, repo, "model.safetensors")
     (repo / "pytorch_model.bin").write_bytes(b"the pickle is never downloaded")
     (repo / "README.md").write_text("GPT-2\n")
+    save_openai_style(theirs, tmp_path / "hub" / "models" / "someone" / "pickled")  # no safetensors
     with HubServer(tmp_path / "hub") as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
         result = run_script("import_hf.py", "openai-community/gpt2", tmp_path / "gpt2", env=env)
+        pickled = run_script("import_hf.py", "someone/pickled", tmp_path / "pickled", env=env)
         not_found = run_script("import_hf.py", "openai-community/gpt-5", tmp_path / "gpt-5", env=env)
+    # The Hub gone, offline: the cache of the first import is enough.
+    offline = run_script("import_hf.py", "openai-community/gpt2", tmp_path / "gpt2-offline",
+                         env={**env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
+    assert offline.returncode == 0, offline.stderr
+    online = load_file(tmp_path / "gpt2" / "model.safetensors")
+    cached = load_file(tmp_path / "gpt2-offline" / "model.safetensors")
+    assert online.keys() == cached.keys()
+    assert all(torch.equal(online[name], cached[name]) for name in online)
     assert hub.downloads_of("model.safetensors") == 1
     assert hub.downloads_of("pytorch_model.bin") == hub.downloads_of("README.md") == 0
+    assert printed_parameters(result.stdout) == theirs.num_parameters()  # the tied head once
+    assert "tied head copied into out_head" in result.stdout
     assert json.loads((tmp_path / "gpt2" / "model.json").read_text())["qkv_bias"] is True
+    assert_refused(pickled, 1, "someone/pickled: no model.safetensors on the Hugging Face Hub",
+                   "only safetensors weights are taken from the Hub")
+    assert not (tmp_path / "pickled").exists()
     assert not_found.returncode == 1 and not (tmp_path / "gpt-5").exists()
     error_lines = [line for line in not_found.stderr.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1, not_found.stderr
     assert "openai-community/gpt-5: no such model repo" in error_lines[0]
     assert "Traceback" not in not_found.stderr
 
-    smoke = invoke(test_smoke.main, tmp_path / "gpt2" / "model.json",
-                   tmp_path / "gpt2" / "model.safetensors",
-                   "--temperature", "0", "--num-tokens", "8", "--device", "cpu")
-    assert smoke.exit_code == 0, smoke.output
+    smoke = run_script("test_smoke.py", tmp_path / "gpt2" / "model.json",
+                       tmp_path / "gpt2" / "model.safetensors",
+                       "--temperature", "0", "--num-tokens", "8", "--device", "cpu")
+    assert smoke.returncode == 0, smoke.stderr
     tokens = tokenizer.encode("Every effort moves you")
     with torch.no_grad():
         for _ in range(8):  # greedy decoding with transformers' forward pass
             tokens.append(theirs(torch.tensor([tokens])).logits[0, -1].argmax().item())
-    prompt, continuation = smoke.stdout.removesuffix("\n").split(f"\n{test_smoke.SEPARATOR}\n")
+    prompt, continuation = smoke.stdout.removesuffix("\n").split(f"\n{SMOKE_SEPARATOR}\n")
     assert prompt + continuation == tokenizer.decode(tokens)
 
 
@@ -282,6 +339,8 @@ def test_push_uploads_every_exported_file_byte_for_byte(published):
     result, hub, export = published["result"], published["hub"], published["export"]
     assert result.returncode == 0, result.stderr
     assert "pushed to " + hub.url + "/someone/tiny-gpt/commit/" in result.stdout
+    assert "untied output head" in result.stdout
+    assert printed_parameters(result.stdout) == load_exported(export).num_parameters()
     assert TOKEN not in result.stdout + result.stderr
     assert hub.authorizations == {f"Bearer {TOKEN}"}
     repo = hub.repos["someone/tiny-gpt"]
@@ -393,38 +452,35 @@ def tiny_checkpoint(tmp_path):
 def test_export_refuses_a_key_gpt2_cannot_express(tmp_path, tiny_checkpoint):
     config_path, weights_path = tiny_checkpoint
     config_path.write_text(json.dumps(dict(TINY, rope_theta=10000)))
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
-    assert_one_line_error(result, 1, str(config_path), "'rope_theta'")
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export")
+    assert_refused(result, 1, str(config_path), "'rope_theta'")
     assert not (tmp_path / "export").exists()
 
 
 def test_export_refuses_weights_that_do_not_match_model_json(tmp_path, tiny_checkpoint):
     config_path, weights_path = tiny_checkpoint
     config_path.write_text(json.dumps(dict(TINY, n_layers=3)))
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
-    assert_one_line_error(result, 1, str(weights_path), "'trf_blocks.2.")
-    result = invoke(export_hf.main, config_path, tmp_path / "missing.safetensors", tmp_path / "export")
-    assert_one_line_error(result, 1, "missing.safetensors", "not found")
-    assert not (tmp_path / "export").exists()
+    line = refusal(hf_gpt2.read_exportable_checkpoint, config_path, weights_path)
+    assert str(weights_path) in line and "'trf_blocks.2." in line
+    line = refusal(hf_gpt2.read_exportable_checkpoint, config_path, tmp_path / "missing.safetensors")
+    assert "missing.safetensors" in line and "not found" in line
 
 
 def test_export_usage_mistakes(tmp_path, tiny_checkpoint):
     config_path, weights_path = tiny_checkpoint
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export", "--private")
-    assert_one_line_error(result, 2, "--private", "--push-to-hub")
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export",
-                    "--push-to-hub", "not a repo id!")
-    assert_one_line_error(result, 2, "--push-to-hub", "not a repo id!")
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export", "--private")
+    assert_refused(result, 2, "--private", "--push-to-hub")
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export",
+                        "--push-to-hub", "not a repo id!")
+    assert_refused(result, 2, "--push-to-hub", "not a repo id!")
     assert not (tmp_path / "export").exists()  # refused before any work
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "config.json").write_text("keep me")
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export")
-    assert_one_line_error(result, 1, "config.json", "--overwrite")
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export")
+    assert_refused(result, 1, "config.json", "--overwrite")
     assert (tmp_path / "export" / "config.json").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path / "export")) == ["config.json"]
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "export", "--overwrite")
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "gpt2"
+    # --overwrite replacing it: test_the_export_script_replaces_an_earlier_export_with_overwrite
 
 
 @pytest.fixture
@@ -439,19 +495,27 @@ def edit_json(path, **changes):
 
 
 def assert_import_refused(tmp_path, source, exit_code, *fragments):
-    result = invoke(import_hf.main, source, tmp_path / "out")
-    assert_one_line_error(result, exit_code, *fragments)
+    """import_hf.py run as users run it, refusing: one line, nothing written."""
+    result = run_script("import_hf.py", source, tmp_path / "out")
+    assert_refused(result, exit_code, *fragments)
     assert not (tmp_path / "out").exists()
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+
+
+def assert_refused_in_process(source, *fragments):
+    """import_hf.py's reading of a local directory refusing it, with every fragment in its line."""
+    line = refusal(import_local, source)
+    for fragment in fragments:
+        assert fragment in line, line
 
 
 @pytest.mark.parametrize("key, value", [
     ("model_type", "llama"), ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
     ("scale_attn_by_inverse_layer_idx", True), ("n_inner", 100),
 ])
-def test_import_refuses_a_config_that_is_not_gpt2_shaped(tmp_path, hf_checkpoint, key, value):
+def test_import_refuses_a_config_that_is_not_gpt2_shaped(hf_checkpoint, key, value):
     edit_json(hf_checkpoint / "config.json", **{key: value})
-    assert_import_refused(tmp_path, hf_checkpoint, 1, "config.json", f"'{key}'")
+    assert_refused_in_process(hf_checkpoint, str(hf_checkpoint / "config.json"), f"'{key}'")
 
 
 def test_import_refuses_missing_and_mis_shaped_tensors(tmp_path, hf_checkpoint):
@@ -459,18 +523,21 @@ def test_import_refuses_missing_and_mis_shaped_tensors(tmp_path, hf_checkpoint):
     tensors = load_file(weights_path)
     del tensors["transformer.h.1.mlp.c_fc.weight"]
     save_file(tensors, weights_path)
+    # The script too: transformers' own report of what it didn't load, and its progress bar,
+    # must not reach stderr.
     assert_import_refused(tmp_path, hf_checkpoint, 1, str(weights_path),
                           "'transformer.h.1.mlp.c_fc.weight' is missing")
 
     transformers_gpt2(seed=7, tied=False).save_pretrained(hf_checkpoint)
     edit_json(hf_checkpoint / "config.json", n_positions=32)
-    assert_import_refused(tmp_path, hf_checkpoint, 1, "'transformer.wpe.weight'", "(16, 32)", "(32, 32)")
+    assert_refused_in_process(hf_checkpoint, str(weights_path), "'transformer.wpe.weight'",
+                              "(16, 32)", "(32, 32)")
 
     transformers_gpt2(seed=7, tied=False).save_pretrained(hf_checkpoint)
     tensors = load_file(weights_path)
     tensors["score.weight"] = torch.zeros(2, 32)  # e.g. a classification head
     save_file(tensors, weights_path)
-    assert_import_refused(tmp_path, hf_checkpoint, 1, "unexpected tensor 'score.weight'")
+    assert_refused_in_process(hf_checkpoint, str(weights_path), "unexpected tensor 'score.weight'")
 
 
 class RunsCode:
@@ -484,18 +551,18 @@ def test_import_usage_mistakes(tmp_path, hf_checkpoint, monkeypatch):
     assert_import_refused(tmp_path, tmp_path / "no" / "such" / "dir", 2, "no such directory")
     assert_import_refused(tmp_path, hf_checkpoint / "config.json", 2, "is a file")
     (hf_checkpoint / "model.safetensors").unlink()
-    assert_import_refused(tmp_path, hf_checkpoint, 1, "no model.safetensors or pytorch_model.bin")
+    assert_refused_in_process(hf_checkpoint, "no model.safetensors or pytorch_model.bin")
     (hf_checkpoint / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle at all")
-    assert_import_refused(tmp_path, hf_checkpoint, 1, "pytorch_model.bin", "not a readable weights file")
+    assert_refused_in_process(hf_checkpoint, "pytorch_model.bin", "not a readable weights file")
     # weights_only: a pickle that would run code on loading is refused, not executed
     (hf_checkpoint / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode()))
-    assert_import_refused(tmp_path, hf_checkpoint, 1, "pytorch_model.bin", "not a readable weights file")
+    assert_refused_in_process(hf_checkpoint, "pytorch_model.bin", "not a readable weights file")
     assert not (tmp_path / "pwned").exists()
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.json").write_text("keep me")
-    result = invoke(import_hf.main, hf_checkpoint, tmp_path / "out")
-    assert_one_line_error(result, 1, "model.json", "--overwrite")
+    result = run_script("import_hf.py", hf_checkpoint, tmp_path / "out")
+    assert_refused(result, 1, "model.json", "--overwrite")
     assert (tmp_path / "out" / "model.json").read_text() == "keep me"
 
 
@@ -536,11 +603,11 @@ def test_staged_output_takes_the_umask_read_at_startup(tmp_path, monkeypatch):
 
 def test_output_under_a_file_is_one_line(tmp_path, hf_checkpoint, tiny_checkpoint):
     (tmp_path / "a-file").write_text("keep me")
-    result = invoke(import_hf.main, hf_checkpoint, tmp_path / "a-file" / "out")
-    assert_one_line_error(result, 1, f"{tmp_path}/a-file is not a directory")
+    result = run_script("import_hf.py", hf_checkpoint, tmp_path / "a-file" / "out")
+    assert_refused(result, 1, f"{tmp_path}/a-file is not a directory")
     config_path, weights_path = tiny_checkpoint
-    result = invoke(export_hf.main, config_path, weights_path, tmp_path / "a-file" / "deeper" / "out")
-    assert_one_line_error(result, 1, f"{tmp_path}/a-file is not a directory")
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "a-file" / "deeper" / "out")
+    assert_refused(result, 1, f"{tmp_path}/a-file is not a directory")
     # Had it got past that check (a race), creating the directory is one line too.
     with pytest.raises(click.ClickException, match=f"^cannot create directory {tmp_path}/a-file: "
                                                    f"File exists$"):

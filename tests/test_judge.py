@@ -18,15 +18,6 @@ def test_parse_score_takes_only_a_plain_integer_from_0_to_100(reply, score):
     assert judge.parse_score(reply) == score
 
 
-def test_retry_delay_follows_the_server_then_backs_off_exponentially():
-    assert judge.retry_delay(0, {"retry-after-ms": "10"}) == pytest.approx(0.01)
-    assert judge.retry_delay(3, {"retry-after": "2"}) == 2.0
-    assert judge.retry_delay(0, {"retry-after-ms": "250", "retry-after": "9"}) == pytest.approx(0.25)
-    for retry, ceiling in [(0, 0.5), (1, 1.0), (3, 4.0), (10, 30.0)]:
-        delays = [judge.retry_delay(retry, {"retry-after": "3600"}) for _ in range(20)]
-        assert all(0.75 * ceiling <= delay <= ceiling for delay in delays)  # jittered, capped
-
-
 def test_settings_need_a_key_only_for_openai(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(judge.JudgeError, match="OPENAI_API_KEY is not set"):
@@ -62,6 +53,18 @@ def test_scores_retries_and_unscored_replies(api, path):
     assert verdicts[5].error.startswith("HTTP 429") and "after 3 attempts" in verdicts[5].error
     assert [server.attempts[p] for p in prompts] == [1, 3, 2, 2, 1, 3]
     assert {request[:2] for request in server.requests} == {(path, "judge-model")}
+
+
+def test_retries_wait_what_the_server_asks_up_to_two_minutes():
+    """The SDK's own backoff starts at 0.5 s: a retry 1 s later is the server's retry-after.
+    One over two minutes isn't waited for at all: the record is unscored at once."""
+    waits, refuses = prompt_with("http429:1 reply:80", 0), prompt_with("http429:600 reply:80", 1)
+    with JudgeServer() as server:
+        verdicts = score(judge.JudgeSettings(base_url=server.url, max_retries=1), [waits, refuses])
+    assert verdicts[0].score == 80
+    first, second = server.arrivals[waits]
+    assert second - first >= 0.95
+    assert verdicts[1].error == "HTTP 429: Rate limit reached" and server.attempts[refuses] == 1
 
 
 def test_concurrency_is_bounded():

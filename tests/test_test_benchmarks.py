@@ -2,34 +2,26 @@
 the local tasks in tests/data/lm_eval_tasks, its scores checked against the same
 loglikelihoods computed with our own GPTModel and tokenizer.
 
-lm-eval takes seconds to start (its import; and, for a name that isn't a task of the
-include path, an index of the ~15,000 task files it ships, ~10 s), so the script runs as
-users run it twice: the scores, and an unsafe task (refused once its data is loaded).
-Its other mistakes are checked in this process with click's runner.
+The script runs as users run it, in a subprocess, every time. lm-eval takes seconds to
+start (its import; and, for a name that isn't a task of the include path, an index of the
+~15,000 task files it ships, ~10 s), and torch a few more; the mistakes about paths are
+found before either is imported.
 """
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from support import checkpointing
-
 from support import weights as weight_files
-import test_benchmarks
 from support import tokenizer
 from gpt import GPTModel
+from helpers import PROJECT_ROOT, one_line_error, run_script
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = "tests/data/lm_eval_tasks"  # its YAML files name their data relative to PROJECT_ROOT
 DOCS = [json.loads(line) for line in
         (PROJECT_ROOT / TASKS_DIR / "tiny_choice.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -132,12 +124,11 @@ def test_the_test_data_tells_the_metrics_apart(choice_loglikelihoods):
 
 # --- the script, as users run it ---
 
-def run_script(*args, hf_home):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(hf_home),
-           # Only the tests are offline; users need the Hub for hellaswag and friends.
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "test_benchmarks.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+def run_benchmarks(*args, hf_home):
+    return run_script("test_benchmarks.py", *args, env={
+        "HF_HOME": str(hf_home),
+        # Only the tests are offline; users need the Hub for hellaswag and friends.
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 
 def table_rows(stdout):
@@ -156,10 +147,10 @@ def table_rows(stdout):
 def test_scores_equal_our_own_loglikelihoods(checkpoint, choice_loglikelihoods, tmp_path):
     directory, _ = checkpoint
     output = tmp_path / "results.json"
-    result = run_script(directory / "model.json", directory / "model.safetensors",
-                        "--tasks", "tiny_choice,tiny_answer", "--include-path", TASKS_DIR,
-                        "--limit", LIMIT, "--device", "cpu", "--dtype", "fp32", "--batch-size", 5,
-                        "--output", output, hf_home=tmp_path / "hf")
+    result = run_benchmarks(directory / "model.json", directory / "model.safetensors",
+                            "--tasks", "tiny_choice,tiny_answer", "--include-path", TASKS_DIR,
+                            "--limit", LIMIT, "--device", "cpu", "--dtype", "fp32", "--batch-size", 5,
+                            "--output", output, hf_home=tmp_path / "hf")
     assert result.returncode == 0, result.stderr[-3000:]
     expected = expected_scores(choice_loglikelihoods, LIMIT)
 
@@ -193,21 +184,19 @@ def test_scores_equal_our_own_loglikelihoods(checkpoint, choice_loglikelihoods, 
 
 # --- mistakes: one line each, nothing written ---
 
-def invoke(*args):
-    return CliRunner().invoke(test_benchmarks.main, [str(arg) for arg in args])
+@pytest.fixture
+def invoke(tmp_path_factory):
+    """test_benchmarks.py run as users run it, offline, with a Hub cache outside tmp_path."""
+    hf_home = tmp_path_factory.mktemp("hf")
+    return lambda *args: run_benchmarks(*args, hf_home=hf_home)
 
 
 def assert_one_line(result, *fragments):
-    assert result.exit_code == 1, (result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception  # not a crash
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    one_line_error(result, *fragments)
+    assert result.stderr.startswith("Error: ")
 
 
-def test_bad_paths_and_checkpoints_are_refused_before_any_work(checkpoint, tmp_path):
+def test_bad_paths_and_checkpoints_are_refused_before_any_work(checkpoint, tmp_path, invoke):
     directory, _ = checkpoint
     model_json, weights = directory / "model.json", directory / "model.safetensors"
     tasks = ["--tasks", "tiny_choice", "--device", "cpu"]
@@ -243,7 +232,7 @@ def test_bad_paths_and_checkpoints_are_refused_before_any_work(checkpoint, tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == ["earlier.json", "other.json", "small"]
 
 
-def test_unknown_task_names_are_one_line_that_says_how_to_list_them(checkpoint, tmp_path):
+def test_unknown_task_names_are_one_line_that_says_how_to_list_them(checkpoint, tmp_path, invoke):
     directory, _ = checkpoint
     output = tmp_path / "results.json"
     result = invoke(directory / "model.json", directory / "model.safetensors", "--device", "cpu",
@@ -258,8 +247,8 @@ def test_unknown_task_names_are_one_line_that_says_how_to_list_them(checkpoint, 
 
 def test_a_task_that_runs_model_written_code_is_refused_before_the_model_loads(checkpoint, tmp_path):
     directory, _ = checkpoint
-    result = run_script(directory / "model.json", directory / "model.safetensors", "--device", "cpu",
-                        "--tasks", "tiny_unsafe", "--include-path", TASKS_DIR, hf_home=tmp_path / "hf")
+    result = run_benchmarks(directory / "model.json", directory / "model.safetensors", "--device", "cpu",
+                            "--tasks", "tiny_unsafe", "--include-path", TASKS_DIR, hf_home=tmp_path / "hf")
     assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
     assert result.stderr.splitlines()[-1] == (
         "Error: lm-eval task 'tiny_unsafe' runs the code the model writes (lm-eval marks it unsafe); "

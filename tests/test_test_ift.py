@@ -1,25 +1,20 @@
 """test_ift.py run as users run it: a subprocess on a tiny checkpoint, judged by a stand-in
 OpenAI-compatible server on 127.0.0.1 that the real openai client talks to over HTTP."""
 
-import copy
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import click
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import test_ift
+from support import instruction_data
 from support import tokenizer
 from gpt import GPTModel, generate
-from helpers import one_line_error, write_tiny_checkpoint
+from helpers import one_line_error, run_script, write_tiny_checkpoint
 from servers.judge import JudgeServer
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=50257, emb_dim=16, context_length=96, n_heads=2, n_layers=1,
               drop_rate=0.1, qkv_bias=False)
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "pink", "grey"]
@@ -28,11 +23,15 @@ PREAMBLE = ("Below is an instruction that describes a task. Write a response tha
 
 
 def run_ift(*args, **env):
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("OPENAI_")}
-    return subprocess.run([sys.executable, "test_ift.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          env={**clean, "OMP_NUM_THREADS": "1", **env},
-                          capture_output=True, text=True, timeout=300)
+    """test_ift.py with none of this machine's OPENAI_* settings, only those given."""
+    unset = {name: None for name in os.environ if name.startswith("OPENAI_")}
+    return run_script("test_ift.py", *args, env={**unset, **env})
 
+
+def unscored_line(count, total, results):
+    """The last line of a judged run that left records unscored."""
+    return (f"Error: {count} of {total} test records are unscored (listed above); judge them "
+            f"again with: uv run python test_ift.py --responses {results}")
 
 
 def instruction_records(count):
@@ -70,7 +69,10 @@ def judged_run(checkpoint, tmp_path_factory):
 
 def test_fine_tunes_generates_judges_and_reports(judged_run):
     result, records, results_path, server = judged_run
-    assert result.returncode == 0, result.stderr
+    # The one unscored record makes the run fail, in one line at the end.
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == unscored_line(1, 4, results_path)
+    assert "Traceback" not in result.stderr
     assert "Epoch 1: train loss " in result.stdout and "Epoch 2: train loss " in result.stdout
     assert result.stdout.count("Dataset response:") == 3
     assert "Number of scores: 3 of 4\nAverage score: 71.67\n" in result.stdout
@@ -106,7 +108,7 @@ def test_rejudge_saved_responses_through_chat_completions(judged_run, tmp_path):
         result = run_ift("--responses", first_results, "--judge-api", "chat",
                          "--judge-model", "local-judge", "--judge-base-url", server.url,
                          "--results", rejudged)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == unscored_line(1, 4, rejudged)
     assert "Epoch" not in result.stdout and "generating" not in result.stderr
     assert {(path, model) for path, model, _ in server.requests} == \
         {("/v1/chat/completions", "local-judge")}
@@ -115,6 +117,27 @@ def test_rejudge_saved_responses_through_chat_completions(judged_run, tmp_path):
     assert [r["response"] for r in after] == [r["response"] for r in before]
     assert [r["score"] for r in after] == [90, 70, 55, None]
     assert "Number of scores: 3 of 4" in result.stdout
+
+
+def test_a_run_whose_judge_scores_nothing_fails(tmp_path):
+    """A judge that answers HTTP 500 until the client gives up, or never a score: the run
+    ends with exit status 1 and one line saying how many records are unscored, and the
+    results file is written all the same, for --responses."""
+    records = [{"prompt": f"Name colour number {n}.", "reference": f"Red. [judge {script}]",
+                "response": "Red."} for n, script in enumerate(["http500", "reply:garbage"])]
+    saved, results = tmp_path / "saved.json", tmp_path / "results.json"
+    saved.write_text(json.dumps({"records": records}))
+    with JudgeServer() as server:
+        result = run_ift("--responses", saved, "--judge-base-url", server.url,
+                         "--judge-max-retries", 1, "--results", results)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == unscored_line(2, 2, results)
+    assert "Number of scores: 0 of 2\nAverage score: none\n" in result.stdout
+    judged = json.loads(results.read_text())["records"]
+    assert [record["score"] for record in judged] == [None, None]
+    assert judged[0]["error"] == "HTTP 500: The server had an error (gave up after 2 attempts)"
+    assert judged[1]["error"] == "reply is not an integer from 0 to 100: 'garbage'"
+    assert sorted(server.attempts.values()) == [2, 2]
 
 
 def test_missing_api_key_is_reported_before_fine_tuning(checkpoint, tmp_path):
@@ -131,7 +154,7 @@ def stopping_checkpoint(tmp_path_factory):
     """A checkpoint that sometimes says <|endoftext|>: it takes over one ordinary token's row."""
     directory = tmp_path_factory.mktemp("eos")
     records = instruction_records(60)
-    test_prompts = [test_ift.instruction_data.format_prompt(r) for r in records[51:57]]
+    test_prompts = [instruction_data.format_prompt(r) for r in records[51:57]]
     torch.manual_seed(3)
     model = GPTModel(CONFIG).eval()
     first_answer = generate(model, [tokenizer.encode(test_prompts[0])], 10)[0]
@@ -167,21 +190,6 @@ def test_batched_generation_equals_one_at_a_time(stopping_checkpoint, tmp_path):
     assert all(record["score"] is None for record in saved)
 
 
-# --- early stopping, in process: the tensors themselves ---
-
-SMALL = dict(vocab_size=100, emb_dim=16, context_length=32, n_heads=2, n_layers=1, drop_rate=0.0,
-             qkv_bias=False)
-
-
-def small_batches(count):
-    """Batches built by the real collate from random sequences of a 100-token vocabulary."""
-    generator = torch.Generator().manual_seed(1)
-    sequences = [torch.randint(0, 99, (int(length),), generator=generator).tolist()
-                 for length in torch.randint(5, 30, (4 * count,), generator=generator)]
-    return [test_ift.instruction_data.collate(sequences[i:i + 4], 32, end_of_text_id=99)
-            for i in range(0, 4 * count, 4)]
-
-
 @pytest.mark.skipif(not Path("/proc/self").exists() or os.geteuid() != 0,
                     reason="needs Linux's /proc, writable to root only")
 def test_results_that_cannot_be_written_are_one_line(stopping_checkpoint):
@@ -195,49 +203,3 @@ def test_results_that_cannot_be_written_are_one_line(stopping_checkpoint):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"Error: Invalid value for --results: cannot write {results} (")
-
-
-def test_early_stopping_restores_a_copy_of_the_best_epochs_weights():
-    """Validation loss falls for two epochs, then rises: the weights must go back to epoch 2."""
-    torch.manual_seed(0)
-    model = GPTModel(SMALL)
-    batches = small_batches(2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    snapshots = {}
-
-    def on_epoch(epoch, train_loss, val_loss):
-        snapshots[epoch] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        if epoch == 2:  # from now on climb the loss instead of descending it
-            optimizer.param_groups[0]["maximize"] = True
-
-    best_epoch, epochs_run, history = test_ift.fine_tune(
-        model, optimizer, batches, batches, torch.device("cpu"), "fp32", on_epoch=on_epoch)
-    assert (best_epoch, epochs_run) == (2, 3)
-    assert history[1][1] < history[0][1] and history[2][1] > history[1][1]
-    restored = model.state_dict()
-    assert restored.keys() == snapshots[2].keys()
-    for name, tensor in restored.items():
-        assert torch.equal(tensor, snapshots[2][name]), name
-    changed = [name for name in restored if not torch.equal(restored[name], snapshots[3][name])]
-    assert "out_head.weight" in changed and "tok_emb.weight" in changed
-
-
-def test_early_stopping_keeps_the_last_epoch_when_max_epochs_comes_first():
-    torch.manual_seed(0)
-    model = GPTModel(SMALL)
-    batches = small_batches(1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    snapshots = {}
-    best_epoch, epochs_run, history = test_ift.fine_tune(
-        model, optimizer, batches, batches, torch.device("cpu"), "fp32", max_epochs=2,
-        on_epoch=lambda epoch, *_: snapshots.update({epoch: copy.deepcopy(model.state_dict())}))
-    assert (best_epoch, epochs_run) == (2, 2) and history[1][1] < history[0][1]
-    assert all(torch.equal(tensor, snapshots[2][name]) for name, tensor in model.state_dict().items())
-
-
-def test_diverged_fine_tuning_stops_with_one_line():
-    torch.manual_seed(0)
-    model = GPTModel(SMALL)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e12)
-    with pytest.raises(click.ClickException, match=r"fine-tuning diverged: validation loss (nan|inf) after epoch 1"):
-        test_ift.fine_tune(model, optimizer, small_batches(1), small_batches(1), torch.device("cpu"), "fp32")

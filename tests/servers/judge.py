@@ -10,6 +10,7 @@ get, the last step repeating:
 
     reply:TEXT    answer TEXT (no spaces)
     http429       429 rate limit, with retry-after-ms: 10
+    http429:N     429 rate limit, with retry-after: N (seconds)
     http500       500 server error, no retry header (the client's own backoff applies)
     http400       400 bad request
     quota         429 with code insufficient_quota
@@ -51,6 +52,7 @@ class JudgeServer(LocalServer):
         self.posts = 0              # every POST, refused ones included
         self.requests = []          # (path, model, prompt) of every scoring request, in arrival order
         self.attempts = {}          # prompt -> requests seen so far
+        self.arrivals = {}          # prompt -> time.monotonic() of each of its requests
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -64,6 +66,7 @@ class JudgeServer(LocalServer):
         with self.lock:
             attempt = self.attempts.get(prompt, 0)
             self.attempts[prompt] = attempt + 1
+            self.arrivals.setdefault(prompt, []).append(time.monotonic())
         steps = script_of(prompt)
         return steps[min(attempt, len(steps) - 1)]
 
@@ -139,6 +142,9 @@ class JudgeServer(LocalServer):
                 if step == "http429":
                     self.send_error_json(429, "Rate limit reached", "requests", "rate_limit_exceeded",
                                          headers=[("retry-after-ms", "10")])
+                elif step.startswith("http429:"):
+                    self.send_error_json(429, "Rate limit reached", "requests", "rate_limit_exceeded",
+                                         headers=[("retry-after", step.removeprefix("http429:"))])
                 elif step == "http500":
                     self.send_error_json(500, "The server had an error", "server_error")
                 elif step == "http400":
