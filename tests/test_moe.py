@@ -14,27 +14,19 @@ import torch.nn.functional as F
 from gpt import GPTModel, MixtureOfExperts, generate, load_balancing_loss, routing_statistics
 from support import parallel
 
+from test_gpt import paired_models, tiny_config as dense_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from naive_gpt import NaiveGPTModel, masked_loop_mixture, naive_generate  # noqa: E402
 
 
 def tiny_config(**overrides):
-    cfg = dict(vocab_size=97, emb_dim=32, context_length=24, n_heads=4, n_layers=2,
-               drop_rate=0.0, qkv_bias=False)
-    cfg.update(overrides)
-    return cfg
+    """test_gpt.py's tiny model, smaller still: eight experts of it must stay quick."""
+    return dense_config(**{"vocab_size": 97, "emb_dim": 32, "context_length": 24, **overrides})
 
 
 def moe_config(num_experts=4, num_active_experts=2, **overrides):
     return tiny_config(moe={"num_experts": num_experts, "num_active_experts": num_active_experts}, **overrides)
-
-
-def paired_models(cfg, seed=0):
-    torch.manual_seed(seed)
-    naive = NaiveGPTModel(cfg).eval()
-    ours = GPTModel(cfg).eval()
-    ours.load_state_dict(naive.state_dict(), strict=True)
-    return naive, ours
 
 
 def loss_and_grads(model, token_ids, targets, fused):
