@@ -101,20 +101,23 @@ class MixtureOfExperts(nn.Module):
         expert_weights = torch.zeros_like(router_logits, dtype=torch.float32).scatter(-1, top_experts, top_weights)
 
         tokens = x.reshape(-1, x.shape[-1])
-        chosen = run_experts_on_their_tokens(self.experts, tokens, top_experts.reshape(-1, self.num_active_experts))
-        output = (chosen * top_weights.reshape(-1, self.num_active_experts, 1)).sum(dim=1)
+        # (k, tokens, ...): slot-major, so summing over the slots adds k contiguous slabs.
+        slot_experts = top_experts.reshape(-1, self.num_active_experts).t()
+        slot_weights = top_weights.reshape(-1, self.num_active_experts).t()
+        chosen = run_experts_on_their_tokens(self.experts, tokens, slot_experts)
+        output = (chosen * slot_weights[..., None]).sum(dim=0)
         return output.view_as(x).to(x.dtype), (router_logits, expert_weights)
 
 
 # Graph break: the slice sizes are data, and compiled code would recompile for each new
 # set of them (sizes 0 and 1 are specialised); eager code just runs.
 @torch.compiler.disable
-def run_experts_on_their_tokens(experts, tokens, top_experts):
-    """Each expert's output for each (token, slot) of top_experts: (tokens, k, emb_dim).
+def run_experts_on_their_tokens(experts, tokens, slot_experts):
+    """The output of expert slot_experts[s, t] for token t: (k, tokens, emb_dim).
 
-    The tokens * k assignments are sorted by expert, so expert j's tokens are one
+    The k * tokens assignments are sorted by expert, so expert j's tokens are one
     contiguous slice, gathered once; each expert runs on its slice and the inverse
-    permutation puts the outputs back in (token, slot) order. The backward sums
+    permutation puts the outputs back in (slot, token) order. The backward sums
     gradients in a fixed order (no atomics), so it repeats bit for bit.
 
     While training, an expert with no token still runs, on an empty slice: every
@@ -126,20 +129,20 @@ def run_experts_on_their_tokens(experts, tokens, top_experts):
     against the original's one per expert (each boolean-mask gather is one): the host
     waits for the router, then queues the experts' matmuls, which dwarf the wait.
     """
-    num_tokens, k = top_experts.shape
-    assigned_expert = top_experts.flatten()                       # assignment a = token * k + slot
+    k, num_tokens = slot_experts.shape
+    assigned_expert = slot_experts.flatten()                      # assignment a = slot * tokens + token
     order = torch.argsort(assigned_expert, stable=True)           # assignments grouped by expert
     sizes = torch.bincount(assigned_expert, minlength=len(experts)).tolist()
-    # Each token k times, then permuted: unlike gathering rows order // k, whose backward
-    # adds k rows into each token's gradient (atomics on a GPU), this backward is a
-    # permutation and a sum over the k copies, both in a fixed order.
-    expert_inputs = tokens.unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, -1)[order]
+    # The tokens k times over, then permuted: unlike gathering rows order % tokens, whose
+    # backward adds k rows into each token's gradient (atomics on a GPU), this backward
+    # is a permutation and a sum of the k copies, both in a fixed order.
+    expert_inputs = tokens.repeat(k, 1)[order]
     every_expert = torch.is_grad_enabled()
     expert_outputs = torch.cat([expert(chunk) for expert, chunk, size in zip(experts, expert_inputs.split(sizes), sizes)
                                 if size or every_expert])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return expert_outputs[inverse].view(num_tokens, k, -1)
+    return expert_outputs[inverse].view(k, num_tokens, -1)
 
 
 def routing_statistics(routing):
