@@ -11,6 +11,11 @@ see blockwise_causal_attention). Decoding keeps a KV cache so each new token cos
 position of work instead of re-running the whole context; with targets, the loss is
 computed without materialising the logits (LinearCrossEntropy).
 
+The original's later model.json options: "tie_weights" (one matrix for the token
+embedding and the output head) and "moe" (every block's FFN a mixture of experts,
+MixtureOfExperts). forward(..., return_routing=True) also returns the routers'
+outputs, for routing_statistics and load_balancing_loss.
+
 This file imports nothing else from the project, so it can be copied into a notebook.
 """
 
@@ -52,6 +57,135 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
+
+class MixtureOfExperts(nn.Module):
+    """The original's sparse FFN: a router picks k of E dense FFNs ("experts") per token.
+
+    Per token: router logits (E,), the top k kept, softmax over those k (the other
+    weights exactly 0), and the output is the weighted sum of the k chosen experts'
+    outputs. There is no capacity limit, router noise or shared expert, as in the original.
+
+    The original runs each expert on a boolean-masked gather of its tokens, one mask per
+    expert. Here the token-expert assignments are sorted by expert once, each expert runs
+    on one contiguous slice, and the results go back to their tokens by the inverse
+    permutation (see run_experts_on_their_tokens). Same math, same parameter names.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_experts = cfg["moe"]["num_experts"]
+        self.num_active_experts = cfg["moe"]["num_active_experts"]
+        # The original's messages: with k == 1 the softmax over one logit is always 1, so
+        # the router would never get a gradient.
+        if self.num_active_experts < 2:
+            raise ValueError(f"Can't train with `num_active_experts` < 2 (got {self.num_active_experts})")
+        if self.num_active_experts > self.num_experts:
+            raise ValueError(f"self.num_active_experts={self.num_active_experts} is larger than "
+                             f"self.num_experts={self.num_experts}")
+        # Construction order is the original's, so the same seed draws the same weights.
+        self.router = nn.Linear(cfg["emb_dim"], self.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(self.num_experts))
+
+    def forward(self, x):
+        """(output shaped like x, (router_logits, expert_weights)), both (..., num_experts).
+
+        expert_weights holds the k softmax weights at the chosen experts and 0 elsewhere,
+        the original's `expert_weights`; both keep their graph, for a load-balancing loss.
+        """
+        router_logits = self.router(x)
+        top_logits, top_experts = torch.topk(router_logits, self.num_active_experts, dim=-1)
+        # Softmax over the k chosen logits alone equals the original's softmax over all E
+        # with the others at -inf. fp32 whatever the autocast dtype, as autocast's softmax is.
+        top_weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
+        expert_weights = torch.zeros_like(router_logits, dtype=torch.float32).scatter(-1, top_experts, top_weights)
+
+        tokens = x.reshape(-1, x.shape[-1])
+        # (k, tokens, ...): slot-major, so summing over the slots adds k contiguous slabs.
+        slot_experts = top_experts.reshape(-1, self.num_active_experts).t()
+        slot_weights = top_weights.reshape(-1, self.num_active_experts).t()
+        chosen = run_experts_on_their_tokens(self.experts, tokens, slot_experts)
+        output = (chosen * slot_weights[..., None]).sum(dim=0)
+        return output.view_as(x).to(x.dtype), (router_logits, expert_weights)
+
+
+# Graph break: the slice sizes are data, and compiled code would recompile for each new
+# set of them (sizes 0 and 1 are specialised); eager code just runs.
+@torch.compiler.disable
+def run_experts_on_their_tokens(experts, tokens, slot_experts):
+    """The output of expert slot_experts[s, t] for token t: (k, tokens, emb_dim).
+
+    The k * tokens assignments are sorted by expert, so expert j's tokens are one
+    contiguous slice, gathered once; each expert runs on its slice and the inverse
+    permutation puts the outputs back in (slot, token) order. The backward sums
+    gradients in a fixed order (no atomics), so it repeats bit for bit.
+
+    While training, an expert with no token still runs, on an empty slice: every
+    parameter is in the graph and gets a gradient (zero), so DDP needs no
+    find_unused_parameters. Without gradients (decoding: a few tokens, most experts
+    idle) idle experts are skipped.
+
+    The slice sizes are the one host synchronisation (`tolist`) per layer and forward,
+    against the original's one per expert (each boolean-mask gather is one): the host
+    waits for the router, then queues the experts' matmuls, which dwarf the wait.
+    """
+    k, num_tokens = slot_experts.shape
+    assigned_expert = slot_experts.flatten()                      # assignment a = slot * tokens + token
+    order = torch.argsort(assigned_expert, stable=True)           # assignments grouped by expert
+    sizes = torch.bincount(assigned_expert, minlength=len(experts)).tolist()
+    # The tokens k times over, then permuted: unlike gathering rows order % tokens, whose
+    # backward adds k rows into each token's gradient (atomics on a GPU), this backward
+    # is a permutation and a sum of the k copies, both in a fixed order.
+    expert_inputs = tokens.repeat(k, 1)[order]
+    every_expert = torch.is_grad_enabled()
+    expert_outputs = torch.cat([expert(chunk) for expert, chunk, size in zip(experts, expert_inputs.split(sizes), sizes)
+                                if size or every_expert])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return expert_outputs[inverse].view(k, num_tokens, -1)
+
+
+def routing_statistics(routing):
+    """The original's router statistics of one forward: (router_probabilities, expert_weights).
+
+    routing: GPTModel's per-MoE-layer list of (router_logits, expert_weights), each
+    (batch, tokens, E). Returns two detached (layers, E) tensors on the routing's
+    device: the softmax over all E router logits averaged over the tokens, and the
+    post-top-k weights averaged over the tokens (the original's moe_routing_weights and
+    moe_routing_topk_weights entries; `.tolist()` gives its lists). No host sync here.
+    """
+    if not routing:
+        return torch.zeros(0, 0), torch.zeros(0, 0)
+    probabilities = torch.stack([torch.softmax(logits.detach().float(), dim=-1).flatten(0, -2).mean(0)
+                                 for logits, _ in routing])
+    weights = torch.stack([weights.detach().float().flatten(0, -2).mean(0) for _, weights in routing])
+    return probabilities, weights
+
+
+def load_balancing_loss(routing):
+    """The Switch Transformer's auxiliary load-balancing loss (Fedus, Zoph and Shazeer,
+    "Switch Transformers: Scaling to Trillion Parameter Models with Simple and Efficient
+    Sparsity", 2021, eq. 4), averaged over the MoE layers:
+
+        loss = E * sum_i f_i * P_i
+
+    f_i: the fraction of the token-to-expert assignments that go to expert i (with k
+    experts per token, the count divided by k * tokens, so the f_i sum to 1); P_i: the
+    router probability of expert i (softmax over all E logits) averaged over the tokens.
+    It is 1 when routing is uniform and grows as it concentrates. f is a count and has
+    no gradient; the loss is differentiable through P, i.e. the router. A scalar tensor
+    (0 for a dense model's empty routing); the training loop scales it by its own weight.
+    """
+    if not routing:
+        return torch.zeros(())
+    losses = []
+    for router_logits, expert_weights in routing:
+        num_experts = router_logits.shape[-1]
+        assigned = (expert_weights.detach().flatten(0, -2) > 0).float()            # (tokens, E)
+        fraction = assigned.sum(0) / assigned.sum()
+        probability = torch.softmax(router_logits.float(), dim=-1).flatten(0, -2).mean(0)
+        losses.append(num_experts * (fraction * probability).sum())
+    return torch.stack(losses).mean()
 
 
 class LayerKVCache:
@@ -178,15 +312,21 @@ class TransformerBlock(nn.Module):
             dropout=cfg["drop_rate"],
             qkv_bias=cfg["qkv_bias"],
         )
-        self.ff = FeedForward(cfg)
+        # As in the original, the key's presence makes every block a mixture of experts.
+        self.ff = MixtureOfExperts(cfg) if "moe" in cfg else FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x, layer_cache=None, attn_mask=None):
+        """(x, routing): routing is the MoE layer's (router_logits, expert_weights), else None."""
         x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache, attn_mask))
-        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
-        return x
+        routing = None
+        if isinstance(self.ff, MixtureOfExperts):
+            ff_output, routing = self.ff(self.norm2(x))
+        else:
+            ff_output = self.ff(self.norm2(x))
+        return x + self.drop_shortcut(ff_output), routing
 
 
 class GPTModel(nn.Module):
@@ -199,13 +339,20 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        if cfg.get("tie_weights", False):
+            # One Parameter for both (the original's tying). The head was still built first,
+            # so its draws happened and every other tensor is the untied model's.
+            self.out_head.weight = self.tok_emb.weight
 
     @property
     def context_length(self):
         return self.pos_emb.num_embeddings
 
-    def hidden_states(self, in_idx, kv_cache=None):
-        """Final-normed hidden states, (batch, tokens, emb_dim): everything but the output head."""
+    def hidden_states(self, in_idx, kv_cache=None, return_routing=False):
+        """Final-normed hidden states, (batch, tokens, emb_dim): everything but the output head.
+
+        With return_routing, (hidden, routing): see forward.
+        """
         batch, num_tokens = in_idx.shape
         start = 0 if kv_cache is None else kv_cache.length
         positions = torch.arange(start, start + num_tokens, device=in_idx.device)
@@ -215,21 +362,34 @@ class GPTModel(nn.Module):
                 kv_cache.pad_lengths, start, num_tokens, batch, in_idx.device
             )
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        routing = []
         for index, block in enumerate(self.trf_blocks):
             layer_cache = None if kv_cache is None else kv_cache.layers[index]
-            x = block(x, layer_cache, attn_mask)
-        return self.final_norm(x)
+            # Positional arguments: support/parallel.py's activation checkpointing wraps
+            # each block's forward and passes only those on.
+            x, block_routing = block(x, layer_cache, attn_mask)
+            if block_routing is not None:
+                routing.append(block_routing)
+        hidden = self.final_norm(x)
+        return (hidden, routing) if return_routing else hidden
 
-    def forward(self, in_idx, kv_cache=None, targets=None):
+    def forward(self, in_idx, kv_cache=None, targets=None, return_routing=False):
         """Logits (batch, tokens, vocab); or, given targets, the mean cross-entropy loss.
 
         The loss path never holds the whole batch's logits: see LinearCrossEntropy.
         Targets equal to -100 are ignored, as in F.cross_entropy.
+
+        With return_routing, (logits or loss, routing): one (router_logits, expert_weights)
+        pair per MoE block, each (batch, tokens, num_experts), with their graphs
+        ([] for a dense model); see routing_statistics and load_balancing_loss. The
+        original returns this pair for every call; we keep its logits-only API.
         """
-        hidden = self.hidden_states(in_idx, kv_cache)
+        hidden, routing = self.hidden_states(in_idx, kv_cache, return_routing=True)
         if targets is None:
-            return self.out_head(hidden)
-        return LinearCrossEntropy.apply(hidden.flatten(0, 1), self.out_head.weight, targets.flatten())
+            output = self.out_head(hidden)
+        else:
+            output = LinearCrossEntropy.apply(hidden.flatten(0, 1), self.out_head.weight, targets.flatten())
+        return (output, routing) if return_routing else output
 
     def new_kv_cache(self, pad_lengths=None):
         return KVCache(len(self.trf_blocks), self.context_length, pad_lengths)

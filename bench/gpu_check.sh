@@ -117,7 +117,7 @@ else
     GENERATE_ARGS=()
 fi
 
-run_step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" tests/test_cuda.py
+run_step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_moe.py
 run_step preflight "$PREFLIGHT_LIMIT" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
     ddp_train.py "$WORK/run-163m" "$WORK/datasets" --preflight
 run_step train_step "$TRAIN_STEP_LIMIT" "$PYTHON" bench/bench_train_step.py "${TRAIN_STEP_ARGS[@]}" \
@@ -163,7 +163,7 @@ rows = [("device", device),
         ("torch / transformers", f"{torch.__version__} / {transformers.__version__}")]
 
 summary = [line for line in log("tests").splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
-rows.append(("`tests/test_cuda.py`", f"{summary[-1].strip('= ') if summary else 'no summary'}; {outcome('tests')}"))
+rows.append(("`tests/test_cuda.py`, `tests/test_moe.py`", f"{summary[-1].strip('= ') if summary else 'no summary'}; {outcome('tests')}"))
 
 # The preflight's report: from its first line naming tokens/s to the end, less torchrun's
 # own log lines (W1202 12:00:00 ...), table columns joined by single spaces.

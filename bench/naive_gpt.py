@@ -4,7 +4,9 @@ Used two ways: the tests check that gpt.GPTModel computes the same numbers and
 exchanges state dicts with it (same parameter and buffer names, strict loading
 both ways), and the benchmarks time it as the naive baseline. Nothing here is
 fused or clever on purpose: explicit masked softmax attention using the stored
-causal-mask buffer, hand-written GELU and LayerNorm, three separate Q/K/V matmuls.
+causal-mask buffer, hand-written GELU and LayerNorm, three separate Q/K/V matmuls;
+the original's later weight tying and its mixture of experts as it wrote them (one
+boolean mask per expert).
 """
 
 import math
@@ -41,6 +43,36 @@ class NaiveFeedForward(nn.Module):
         return self.layers(x)
 
 
+def masked_loop_mixture(router, experts, num_active_experts, x):
+    """The original's mixture of experts, step by step: (output, (router_logits, expert_weights)).
+
+    Top-k of the router logits, the rest set to -inf, softmax over all E (so the k
+    chosen share the weight and the others get exactly 0); then one boolean mask per
+    expert picks its tokens, the expert runs on them (on an empty tensor if none) and
+    its weighted output is added back at the same places.
+    """
+    router_logits = router(x)
+    top_logits, top_experts = torch.topk(router_logits, num_active_experts, dim=-1)
+    kept_logits = torch.full_like(router_logits, -torch.inf).scatter(-1, top_experts, top_logits)
+    expert_weights = torch.softmax(kept_logits, dim=-1)
+    output = torch.zeros_like(x)
+    for index, expert in enumerate(experts):
+        mask = expert_weights[..., index] > 0
+        output[mask] += expert(x[mask]) * expert_weights[mask, index].unsqueeze(1)
+    return output, (router_logits, expert_weights)
+
+
+class NaiveMixtureOfExperts(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_active_experts = cfg["moe"]["num_active_experts"]
+        self.router = nn.Linear(cfg["emb_dim"], cfg["moe"]["num_experts"], bias=False)
+        self.experts = nn.ModuleList(NaiveFeedForward(cfg) for _ in range(cfg["moe"]["num_experts"]))
+
+    def forward(self, x):
+        return masked_loop_mixture(self.router, self.experts, self.num_active_experts, x)[0]
+
+
 class NaiveMultiHeadAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -71,7 +103,7 @@ class NaiveBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.att = NaiveMultiHeadAttention(cfg)
-        self.ff = NaiveFeedForward(cfg)
+        self.ff = NaiveMixtureOfExperts(cfg) if "moe" in cfg else NaiveFeedForward(cfg)
         self.norm1 = NaiveLayerNorm(cfg["emb_dim"])
         self.norm2 = NaiveLayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
@@ -90,6 +122,8 @@ class NaiveGPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[NaiveBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = NaiveLayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        if cfg.get("tie_weights", False):
+            self.out_head.weight = self.tok_emb.weight
 
     def forward(self, in_idx):
         t = in_idx.shape[1]

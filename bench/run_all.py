@@ -20,12 +20,14 @@ FULL = [
     ["bench_generate.py"],
     ["bench_data.py"],
     ["bench_memory.py"],
+    ["bench_moe.py"],
 ]
 QUICK = [
     ["bench_train_step.py", "--repeats", "2"],
     ["bench_generate.py", "--new-tokens", "64", "--batch-sizes", "1"],
     ["bench_data.py", "--tokens", "2", "--big-tokens", "0", "--token-file-gb", "0.2"],
     ["bench_memory.py", "--emb-dim", "256", "--n-layers", "4"],
+    ["bench_moe.py", "--sizes", "256x8x2", "--tokens", "1024", "--repeats", "2"],
 ]
 
 
