@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import safe_files
-from .weights import CONFIG_METADATA_KEY, MODEL_FILE, CheckpointError, read_torch_file
+from .weights import CONFIG_METADATA_KEY, MODEL_FILE, CheckpointError, read_torch_file, tensors_to_save
 
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -398,7 +398,8 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
     tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in model_state.items()}
     metadata = {"format": "pt"}
     if model_config is not None:
-        metadata[CONFIG_METADATA_KEY] = json.dumps(model_config)
+        tensors, aliases = tensors_to_save(tensors, model_config)
+        metadata.update(aliases, **{CONFIG_METADATA_KEY: json.dumps(model_config)})
     name = None
     writing = {"file": None}   # the file being written, for the error message
     try:

@@ -107,11 +107,16 @@ def _check_keys(path, data, required, optional=()):
 # --- model.json ---
 
 MODEL_KEYS = ("vocab_size", "emb_dim", "context_length", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+# The later original's options (c894ed0); absent, or null, they are off. They are kept in
+# the config only when the file gives them, so that a plain model's config stays as it was.
+OPTIONAL_MODEL_KEYS = ("tie_weights", "moe")
+MOE_KEYS = ("num_experts", "num_active_experts")
+IGNORED_MOE_KEYS = ("log_moe_balance_file",)   # read but unused by the original at c894ed0
 
 
 def validate_model_config(data: dict, path="model.json") -> dict:
-    """The seed's model keys, checked; returns the plain dict GPTModel(cfg) takes."""
-    _check_keys(path, data, MODEL_KEYS)
+    """The model keys, checked; returns the plain dict GPTModel(cfg) takes."""
+    _check_keys(path, data, MODEL_KEYS, OPTIONAL_MODEL_KEYS)
     cfg = {key: _int(path, key, data[key], minimum=1)
            for key in ("vocab_size", "emb_dim", "context_length", "n_heads", "n_layers")}
     drop_rate = data["drop_rate"]
@@ -124,7 +129,30 @@ def validate_model_config(data: dict, path="model.json") -> dict:
             f"{path}: key 'emb_dim' ({cfg['emb_dim']}) must be divisible by "
             f"'n_heads' ({cfg['n_heads']})"
         )
+    if data.get("tie_weights") is not None:
+        cfg["tie_weights"] = _bool(path, "tie_weights", data["tie_weights"])
+    if data.get("moe") is not None:
+        cfg["moe"] = _moe(path, data["moe"])
     return cfg
+
+
+def _moe(path, value) -> dict:
+    """model.json's "moe" block: every block's feed-forward a mixture of num_experts
+    experts, num_active_experts of them per token (the original's checks: 2 <= k <= E)."""
+    if not isinstance(value, dict):
+        _fail(path, "moe", value, 'an object like {"num_experts": 8, "num_active_experts": 2}')
+    where = f"{path}: key 'moe'"
+    _check_keys(where, value, MOE_KEYS, IGNORED_MOE_KEYS)
+    moe = {key: _int(where, key, value[key], minimum=1) for key in MOE_KEYS}
+    experts, active = moe["num_experts"], moe["num_active_experts"]
+    if active < 2:
+        raise ConfigError(f"{where}: 'num_active_experts' must be at least 2, got {active} "
+                          f"(with one, the router would never learn)")
+    if active > experts:
+        raise ConfigError(f"{where}: 'num_active_experts' ({active}) is larger than 'num_experts' ({experts})")
+    if value.get("log_moe_balance_file") is not None:
+        moe["log_moe_balance_file"] = _text(where, "log_moe_balance_file", value["log_moe_balance_file"])
+    return moe
 
 
 def load_model_config(path) -> dict:

@@ -34,7 +34,48 @@ MODEL_FILE = "model.safetensors"
 # model.safetensors' metadata key holding the model config (as JSON) the weights were
 # written for; the model.json keys the weights depend on (dropout is no part of them).
 CONFIG_METADATA_KEY = "model_config"
-WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate")
+WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate") + ("tie_weights", "moe")
+# A tied model's one matrix is saved once, under the name safetensors' save_model keeps
+# (the alphabetically first), with its metadata naming the other: as the original saves it.
+TIED_PAIR = ("tok_emb.weight", "out_head.weight")
+SAVED_TIED_NAME, DROPPED_TIED_NAME = "out_head.weight", "tok_emb.weight"
+
+
+def weight_config_value(model_config: dict, key):
+    """What a model config says of a key the weights depend on: absent options are off,
+    and of a mixture of experts only its shape counts (the original's log file does not)."""
+    value = model_config.get(key)
+    if key == "tie_weights":
+        return bool(value)
+    if key == "moe" and value is not None:
+        return {name: value.get(name) for name in ("num_experts", "num_active_experts")}
+    return value
+
+
+def tensors_to_save(state_dict: dict, model_config: dict) -> tuple[dict, dict]:
+    """(tensors, metadata entries) of a model.safetensors for this state dict: a tied
+    model's shared matrix once, as out_head.weight, with the original's alias entry."""
+    if not model_config.get("tie_weights"):
+        return state_dict, {}
+    tensors = {key: tensor for key, tensor in state_dict.items() if key != DROPPED_TIED_NAME}
+    return tensors, {DROPPED_TIED_NAME: SAVED_TIED_NAME}
+
+
+def with_tied_names(state_dict: dict, model_config: dict, path) -> dict:
+    """A state dict read from a file, with both names of a tied model's matrix (a tied file
+    holds it once); a file of tied weights for an untied model.json is refused by name."""
+    has = [name in state_dict for name in TIED_PAIR]
+    if model_config.get("tie_weights"):
+        if all(has) and not torch.equal(state_dict[TIED_PAIR[0]], state_dict[TIED_PAIR[1]]):
+            raise CheckpointError(f"{path}: tok_emb.weight and out_head.weight differ, but the model config "
+                                  f"ties them (\"tie_weights\": true): these are an untied model's weights")
+        if any(has) and not all(has):
+            present = TIED_PAIR[has.index(True)]
+            state_dict = {**state_dict, TIED_PAIR[has.index(False)]: state_dict[present]}
+    elif has == [False, True] and len(state_dict) > 1:
+        raise CheckpointError(f"{path}: holds out_head.weight but no tok_emb.weight: the weights of a tied "
+                              f"model (set \"tie_weights\": true in its model.json)")
+    return state_dict
 
 
 def read_weights(path) -> dict:
@@ -105,10 +146,11 @@ def check_weights_config(weights_path, model_config: dict, model_config_path=Non
     if written_for is None:
         return  # nothing recorded: the shapes are all there is to check
     for key in WEIGHT_CONFIG_KEYS:
-        if key in written_for and written_for[key] != model_config.get(key):
+        theirs, ours = weight_config_value(written_for, key), weight_config_value(model_config, key)
+        if (key in written_for or key in ("tie_weights", "moe")) and theirs != ours:
             where = model_config_path if model_config_path is not None else "the model"
-            raise CheckpointError(f"{weights_path} was written for {key} {json.dumps(written_for[key])}, "
-                                  f"{where} has {json.dumps(model_config.get(key))}")
+            raise CheckpointError(f"{weights_path} was written for {key} {json.dumps(theirs)}, "
+                                  f"{where} has {json.dumps(ours)}")
 
 
 def load_weights_into(model: GPTModel, weights_path, *, model_config_path=None) -> None:
@@ -120,6 +162,7 @@ def load_weights_into(model: GPTModel, weights_path, *, model_config_path=None) 
     state_dict = read_weights(weights_path)
     if getattr(model, "cfg", None) is not None:
         check_weights_config(weights_path, model.cfg, model_config_path)
+        state_dict = with_tied_names(state_dict, model.cfg, weights_path)
     # A file without the causal-mask buffers (ours always write them) is still usable.
     for key, buffer in model.state_dict().items():
         if key.endswith(".att.mask") and key not in state_dict:
