@@ -12,6 +12,7 @@ writes a checkpoint. The README says the rest; the pieces are in support/.
 """
 
 import os
+import random
 from pathlib import Path
 
 import click
@@ -68,20 +69,21 @@ answer_usage_first(main)
 
 import torch  # noqa: E402
 
-from gpt import GPTModel  # noqa: E402
+from gpt import GPTModel, load_balancing_loss, routing_statistics  # noqa: E402
 from support import checkpointing, devices, preflight, safe_files, weights  # noqa: E402
 from support.benchmark_scores import BenchmarkError, InTrainingBenchmarks  # noqa: E402
 from support.config import load_model_config, load_train_config  # noqa: E402
 from support.metrics import check_loggers_installed, start_metrics  # noqa: E402
 from support.optimizer import (build_optimizer, clip_gradients, full_optimizer_state,  # noqa: E402
-                               learning_rate_at, load_optimizer_state, set_learning_rate)
+                               learning_rate_at, load_optimizer_state, original_schedule, resume_schedule,
+                               set_learning_rate)
 from support.parallel import (Ranks, all_reduce_sum, die_with_launcher, finish_process_group,  # noqa: E402
                               first_on_each_node, full_model_state, main_rank_alone, main_rank_first,
                               one_line_per_failure, read_ranks, restore_rng_states, rng_states,
                               start_process_group, training_device, wrap_model)
 from support.progress import TrainingProgress, startup_line  # noqa: E402
 from support.token_data import DatasetError, check_first_batches, load_splits, resolve_dataset_dir  # noqa: E402
-from support.training import Training  # noqa: E402
+from support.training import StepResult, Training  # noqa: E402
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
@@ -104,13 +106,14 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
     init_from = (weights.initial_weights_file(run_dir, config.init_from, model_config)
                  if config.init_from is not None and resume_from is None else None)
     device = training_device(device_name, ranks)
-    devices.enable_tf32(device)
-    dtype_name = devices.training_dtype(run_dir / "train.json", config, device)
+    devices.enable_tf32(device, enabled=config.use_amp is not False)   # "use_amp": false is true fp32
+    dtype_name, dtype_note = devices.training_dtype(run_dir / "train.json", config, device)
 
     start_process_group(ranks, device)
     datasets_dir.mkdir(parents=True, exist_ok=True)
+    splits = ("train", "validation") if config.validates else ("train",)
     dataset_dir = Path(first_on_each_node(
-        lambda: str(resolve_dataset_dir(config.dataset, datasets_dir)), ranks, DatasetError))
+        lambda: str(resolve_dataset_dir(config.dataset, datasets_dir, splits)), ranks, DatasetError))
     train_batches, val_batches = load_splits(dataset_dir, config, model_config,
                                              ranks.world_size * config.gradient_accumulation_steps)
     checked_batches = main_rank_first(lambda: check_first_batches(train_batches, val_batches), ranks,
@@ -125,31 +128,39 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
     run_lock = None if read_only else main_rank_first(lambda: safe_files.lock_run(run_dir), ranks,
                                                       click.ClickException)
 
-    # Same initial weights on every rank (DDP broadcasts rank 0's anyway), then each
-    # rank its own stream for dropout.
+    # Same initial weights on every rank (DDP broadcasts rank 0's anyway); then each rank
+    # its own stream for dropout, or, as the later original's random_seed, one for all.
+    if not config.seed_each_rank:
+        random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = GPTModel(model_config)
     for weights_file in (init_from, resume_from and resume_from.path / weights.MODEL_FILE):
         if weights_file is not None:
             weights.load_weights_into(model, weights_file, model_config_path=run_dir / "model.json")
     model.to(device)
-    torch.manual_seed(config.seed + ranks.rank)
+    if config.seed_each_rank:
+        torch.manual_seed(config.seed + ranks.rank)
     wrapped = wrap_model(model, ranks, device, dtype_name, parallelism=config.parallelism,
                          activation_checkpointing=config.activation_checkpointing, compile=config.compile)
     training = Training(ranks, run_dir, model_config, config, device, dtype_name, train_batches, val_batches,
                         model=wrapped, optimizer=build_optimizer(model, config, device),
                         scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"),
-                        run_lock=run_lock, benchmarks=benchmarks)
+                        run_lock=run_lock, benchmarks=benchmarks, best_key=checkpointing.best_loss_key(config))
+    if config.lr_schedule == "original":
+        training.scheduler = original_schedule(training.optimizer, config, training.total_steps)
     if resume_from is not None:
         resume(training, resume_from)
-    notes = []
+    notes = [dtype_note] if dtype_note else []
+    if config.ignored_keys:
+        notes.append(f"note: {run_dir / 'train.json'}: {' and '.join(config.ignored_keys)} not used: "
+                     f"checkpoint_interval checkpoints without validation, as the original at c894ed0")
     if not read_only:
         checkpoint_names = {c.global_step: c.name for c in checkpointing.list_checkpoints(training.checkpoints_dir)}
         training.metrics, notes = start_metrics(training, checkpoint_names)
     if ranks.is_main:
         if not read_only:
             checkpointing.remove_leftovers(training.checkpoints_dir)
-        for line in notes + checkpointing.link_warnings(training.checkpoints_dir):
+        for line in notes + checkpointing.link_warnings(training.checkpoints_dir, training.best_key):
             print(line)
         print(startup_line(training, dataset_dir, checked_batches, init_from, checkpoint_name))
     return training
@@ -167,7 +178,9 @@ def resume(training: Training, checkpoint: checkpointing.Checkpoint) -> None:
     if training.scaler.is_enabled() and state.scaler_state:
         training.scaler.load_state_dict(state.scaler_state)
     training.start_step = checkpoint.global_step + 1
-    training.best_loss = checkpointing.best_val_loss(training.checkpoints_dir)
+    if training.scheduler is not None:
+        resume_schedule(training.optimizer, training.scheduler, state.scheduler_state, training.start_step)
+    training.best_loss = checkpointing.best_loss(training.checkpoints_dir, training.best_key)
     training.history = checkpointing.run_history(training.checkpoints_dir, resuming_from=checkpoint)
     if state.rng_state is not None and state.rng_state.get("world_size") == ranks.world_size:
         restore_rng_states(state.rng_state, ranks, device)
@@ -207,40 +220,62 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
 
     progress = TrainingProgress(training)
     for step in range(training.start_step, training.total_steps):
-        step_loss, learning_rate, grad_norm = train_step(training, step)
-        progress.step_done(step, step_loss, learning_rate, grad_norm)
+        result = train_step(training, step)
+        progress.step_done(step, result)
         if training.checkpoint_due(step):
-            validate_and_checkpoint(training, progress, step, learning_rate, grad_norm)
+            checkpoint(training, progress, step, result)
     progress.finish(training.best_loss)
     finish_process_group(ranks)
 
 
-def train_step(training: Training, step: int):
-    """One global step: every micro-step's forward and backward, clipping, AdamW.
-    Returns this rank's loss summed over the micro-steps and the gradient norm before
-    clipping (device tensors: nothing here waits for the device), and the learning rate."""
+def train_step(training: Training, step: int) -> StepResult:
+    """One global step: every micro-step's forward and backward, clipping, AdamW. Nothing
+    here waits for the device: the losses and the gradient norm stay device tensors."""
     model, optimizer, scaler, config = training.model, training.optimizer, training.scaler, training.config
     accumulation, world_size = config.gradient_accumulation_steps, training.ranks.world_size
-    learning_rate = learning_rate_at(step, training.total_steps, config)
-    set_learning_rate(optimizer, learning_rate)
-    step_loss = torch.zeros((), device=training.device)
+    if training.scheduler is None:
+        learning_rate = learning_rate_at(step, training.total_steps, config)
+        set_learning_rate(optimizer, learning_rate)
+    else:
+        learning_rate = optimizer.param_groups[0]["lr"]   # the original's schedule set it at the last step
+    result = StepResult(torch.zeros((), device=training.device), learning_rate, None, [])
     for micro_step in range(accumulation):
         batch_index = (step * accumulation + micro_step) * world_size + training.ranks.rank
         inputs, targets = devices.to_device(training.train_batches[batch_index], training.device)
         with model.gradient_sync(final_micro_step=micro_step == accumulation - 1):
             with model.autocast:
-                # Mean cross-entropy over every position, as the original; the model
-                # computes it chunk by chunk without materialising the logits.
-                loss = model.training(inputs, targets=targets)
-            scaler.scale(loss / accumulation).backward()
-        step_loss += loss.detach()
-    grad_norm = None
+                # Mean cross-entropy over every position, computed chunk by chunk without
+                # materialising the logits; a mixture of experts also says how it routed.
+                if training.is_moe:
+                    loss, routing = model.training(inputs, targets=targets, return_routing=True)
+                    objective = add_moe_terms(training, result, loss, routing)
+                else:
+                    loss = objective = model.training(inputs, targets=targets)
+            scaler.scale(objective / accumulation).backward()
+        result.loss_sum += loss.detach()
+        result.micro_losses.append(loss.detach())
     if config.grad_clip is not None:
-        grad_norm = clip_gradients(model, optimizer, scaler, config.grad_clip)
+        result.grad_norm = clip_gradients(model, optimizer, scaler, config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, learning_rate, grad_norm
+    if training.scheduler is not None:
+        training.scheduler.step()
+    return result
+
+
+def add_moe_terms(training: Training, result: StepResult, loss, routing):
+    """A mixture of experts' micro-step: its routing statistics (global rank 0, for
+    meta.json and metrics.jsonl) and, where train.json asks, the load-balancing loss
+    added to what is minimised (the logged loss stays the cross-entropy)."""
+    weight = training.config.moe_balance_loss_weight
+    if training.ranks.is_main:
+        result.routing.append(routing_statistics(routing))
+    if weight == 0:
+        return loss
+    balance = load_balancing_loss(routing)
+    result.balance_loss = balance.detach() if result.balance_loss is None else result.balance_loss + balance.detach()
+    return loss + weight * balance
 
 
 @torch.inference_mode()
@@ -266,17 +301,19 @@ def validation_loss(training: Training) -> float:
     return sum(losses.tolist()) / len(batches)
 
 
-def validate_and_checkpoint(training: Training, progress: TrainingProgress, step: int,
-                            learning_rate: float, grad_norm) -> None:
-    """Every rank: the validation loss and the mean training loss since the last
-    checkpoint; global rank 0: a checkpoint and its validation row, benchmark scores when
+def checkpoint(training: Training, progress: TrainingProgress, step: int, result: StepResult) -> None:
+    """Every rank: the checkpoint's losses (and the validation loss, where the run
+    validates); global rank 0: a checkpoint and its metrics row, benchmark scores when
     due, and the charts redrawn."""
     ranks, model = training.ranks, training.model
-    train_loss = training.metrics.take_train_loss()   # before validating: tokens/s is training's alone
-    val_loss = validation_loss(training)
-    is_best = val_loss < training.best_loss
-    training.best_loss = min(training.best_loss, val_loss)
-    training.history.append({"global_step": step, "train_loss": train_loss, "val_loss": val_loss,
+    losses = training.metrics.take_checkpoint_losses()   # before validating: tokens/s is training's alone
+    losses["val_loss"] = validation_loss(training) if training.config.validates else None
+    is_best = False
+    if ranks.is_main:   # the window's average (the later original's best) is rank 0's alone
+        value = losses["window"][training.best_key] if training.best_key == "avg_train_loss" else losses[training.best_key]
+        is_best = value < training.best_loss
+        training.best_loss = min(training.best_loss, value)
+    training.history.append({"global_step": step, "train_loss": losses["train_loss"], "val_loss": losses["val_loss"],
                              "is_best": is_best})
     # Collectives first (every rank takes part), then rank 0 writes alone.
     rng_state = rng_states(ranks, training.device)
@@ -285,13 +322,16 @@ def validate_and_checkpoint(training: Training, progress: TrainingProgress, step
     saved_name = None
     if ranks.is_main:
         progress.low_space_warning()
-        meta = checkpointing.checkpoint_meta(training, step, train_loss, val_loss, is_best, learning_rate,
-                                             None if grad_norm is None else grad_norm.item())
+        meta = checkpointing.checkpoint_meta(training, step, losses, is_best, result.learning_rate,
+                                             None if result.grad_norm is None else result.grad_norm.item())
+        # The later original writes scaler.pt only with its fp16 scaler; the first one always.
+        keep_scaler = training.scaler.is_enabled() or training.config.dialect == "bf269c6"
         saved_name = checkpointing.save_checkpoint(
             training.checkpoints_dir, model_state=model_state, optimizer_state=optimizer_state,
-            scaler_state=training.scaler.state_dict(), rng_state=rng_state, meta=meta,
+            scaler_state=training.scaler.state_dict() if keep_scaler else None, rng_state=rng_state, meta=meta,
+            scheduler_state=None if training.scheduler is None else training.scheduler.state_dict(),
             keep=training.config.keep_checkpoints, model_config=training.model_config).name
-    progress.checkpoint_written(step, train_loss, val_loss, is_best, saved_name)
+    progress.checkpoint_written(step, losses, is_best, saved_name)
     if training.benchmarks is not None and training.benchmarks.due(step, training.is_last(step)):
         main_rank_alone(lambda: training.benchmarks.score(step, saved_name, model_state, training.metrics,
                                                           progress.write), ranks)

@@ -86,6 +86,7 @@ class MixtureOfExperts(nn.Module):
         # Construction order is the original's, so the same seed draws the same weights.
         self.router = nn.Linear(cfg["emb_dim"], self.num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(self.num_experts))
+        self.dispatch = eager_under_compile(run_experts_on_their_tokens)
 
     def forward(self, x):
         """(output shaped like x, (router_logits, expert_weights)), both (..., num_experts).
@@ -104,14 +105,25 @@ class MixtureOfExperts(nn.Module):
         # (k, tokens, ...): slot-major, so summing over the slots adds k contiguous slabs.
         slot_experts = top_experts.reshape(-1, self.num_active_experts).t()
         slot_weights = top_weights.reshape(-1, self.num_active_experts).t()
-        chosen = run_experts_on_their_tokens(self.experts, tokens, slot_experts)
+        chosen = self.dispatch(self.experts, tokens, slot_experts)
         output = (chosen * slot_weights[..., None]).sum(dim=0)
         return output.view_as(x).to(x.dtype), (router_logits, expert_weights)
 
 
-# Graph break: the slice sizes are data, and compiled code would recompile for each new
-# set of them (sizes 0 and 1 are specialised); eager code just runs.
-@torch.compiler.disable
+def eager_under_compile(function):
+    """`function` as torch.compile is to call it: eagerly, behind a graph break. Made when a
+    MixtureOfExperts is built, not at import: torch.compiler.disable imports torch._dynamo,
+    which would cost every script that imports this file a second and a half."""
+    if _EAGER.get(function) is None:
+        _EAGER[function] = torch.compiler.disable(function)
+    return _EAGER[function]
+
+
+_EAGER = {}
+
+
+# Run eagerly under torch.compile (eager_under_compile): the slice sizes are data, and
+# compiled code would recompile for each new set of them (sizes 0 and 1 are specialised).
 def run_experts_on_their_tokens(experts, tokens, slot_experts):
     """The output of expert slot_experts[s, t] for token t: (k, tokens, emb_dim).
 

@@ -6,9 +6,12 @@ A run's checkpoints keep the original scripts' layout, so existing runs keep wor
         20251209Z143355-iteration-1000/    (UTC time it was written, global step)
             model.safetensors   the bare model's state dict (loads strictly into GPTModel)
             optimizer.pt        AdamW state
-            scaler.pt           GradScaler state (empty when no scaler is used)
+            scaler.pt           GradScaler state (empty when no scaler is used; a c894ed0-dialect
+                                run writes it only with its fp16 scaler, as the original)
+            scheduler.pt        the later original's learning-rate schedule (schedule_learning_rate)
             rng_state.pt        every rank's random-number generator states (ours only)
-            meta.json           train_loss, val_loss, global_step, is_best, and more
+            meta.json           bf269c6: train_loss, val_loss, global_step, is_best, and more;
+                                c894ed0: learning_rate, min/max/avg_train_loss, ..., and more
         best -> 20251209Z143355-iteration-1000     (relative symlinks)
         latest -> ...
 
@@ -49,6 +52,7 @@ from .weights import CONFIG_METADATA_KEY, MODEL_FILE, CheckpointError, read_torc
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCALER_FILE = "scaler.pt"
+SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 META_FILE = "meta.json"
 LINK_NAMES = ("best", "latest")
@@ -209,7 +213,7 @@ def resolve_checkpoint(checkpoints_dir, name: str) -> Checkpoint:
     return checkpoint
 
 
-def link_warnings(checkpoints_dir) -> list[str]:
+def link_warnings(checkpoints_dir, best_key: str = "val_loss") -> list[str]:
     """A warning line for `best` or `latest` pointing at no complete checkpoint (a garbage
     meta.json, a deleted directory). Training goes on without it -- the best loss so far
     comes from the other checkpoints -- and the next save re-points it; this says so."""
@@ -220,8 +224,9 @@ def link_warnings(checkpoints_dir) -> list[str]:
         if not link.is_symlink() or link_target(checkpoints_dir, link_name) is not None:
             continue
         if link_name == "best":
-            loss = best_val_loss(checkpoints_dir)
-            consequence = (f"the best validation loss so far is taken from the other checkpoints "
+            loss = best_loss(checkpoints_dir, best_key)
+            what = {"val_loss": "validation loss", "train_loss": "train loss"}.get(best_key, best_key)
+            consequence = (f"the best {what} so far is taken from the other checkpoints "
                            f"({'none' if math.isinf(loss) else f'{loss:.4f}'}), and best moves to the "
                            f"next checkpoint that beats it")
         else:
@@ -238,14 +243,22 @@ def _available(checkpoints_dir) -> str:
     return f" (newest: {shown}{f'; {len(names)} in all' if len(names) > 3 else ''})"
 
 
-def best_val_loss(checkpoints_dir) -> float:
-    """The validation loss `best` points at (as the original scripts); the lowest listed if
-    `best` is missing; infinity when there are no checkpoints."""
+def best_loss_key(config) -> str:
+    """Which meta.json number `best` is the lowest of: the validation loss where a run
+    validates; else the later original's window average of rank 0's train losses
+    (c894ed0 dialect), or our mean train loss."""
+    if config.validates:
+        return "val_loss"
+    return "avg_train_loss" if config.dialect == "c894ed0" else "train_loss"
+
+
+def best_loss(checkpoints_dir, key: str = "val_loss") -> float:
+    """meta.json's `key` of the checkpoint `best` points at (as the original scripts read
+    it); the lowest listed if `best` has none; infinity when there are no checkpoints."""
     best = link_target(checkpoints_dir, "best")
-    if best is not None and _is_number(best.meta.get("val_loss")):
-        return float(best.meta["val_loss"])
-    losses = [float(c.meta["val_loss"]) for c in list_checkpoints(checkpoints_dir)
-              if _is_number(c.meta.get("val_loss"))]
+    if best is not None and _is_number(best.meta.get(key)):
+        return float(best.meta[key])
+    losses = [float(c.meta[key]) for c in list_checkpoints(checkpoints_dir) if _is_number(c.meta.get(key))]
     return min(losses, default=math.inf)
 
 
@@ -265,15 +278,18 @@ def loss_history(checkpoints_dir, up_to_step=None) -> list[dict]:
         meta = checkpoint.meta
         if up_to_step is not None and checkpoint.global_step > up_to_step:
             continue
-        if not (_is_number(meta.get("train_loss")) and _is_number(meta.get("val_loss"))):
-            continue
-        points[checkpoint.global_step] = history_point(meta)
+        point = history_point(meta)
+        if _is_number(point["train_loss"]):
+            points[checkpoint.global_step] = point
     return [points[step] for step in sorted(points)]
 
 
 def history_point(meta: dict) -> dict:
-    return {key: meta[key] for key in ("global_step", "train_loss", "val_loss")} | {
-        "is_best": bool(meta.get("is_best", False))}
+    """A checkpoint's point of the loss history: its train loss (the later original's
+    window average where that is all it has) and validation loss (None without)."""
+    train_loss = meta.get("train_loss", meta.get("avg_train_loss"))
+    return {"global_step": meta["global_step"], "train_loss": train_loss, "val_loss": meta.get("val_loss"),
+            "is_best": bool(meta.get("is_best", False))}
 
 
 def run_history(checkpoints_dir, resuming_from: Checkpoint | None = None) -> list[dict]:
@@ -291,18 +307,31 @@ def run_history(checkpoints_dir, resuming_from: Checkpoint | None = None) -> lis
 
 # --- meta.json ---
 
-def checkpoint_meta(training, step: int, train_loss: float, val_loss: float, is_best: bool,
-                    learning_rate: float, grad_norm: float | None) -> dict:
-    """What a checkpoint's meta.json says. The original scripts wrote the first four
-    keys (their readers need only those); the rest lets a resume check that it
-    continues the same run (`check_resumable`), the chart survive pruning (history:
-    one {global_step, train_loss, val_loss, is_best} point per checkpoint), and a
-    person see how the checkpoint was trained. `training` is the session
-    (support/training.py), its history already holding this checkpoint's point."""
+def checkpoint_meta(training, step: int, losses: dict, is_best: bool, learning_rate: float,
+                    grad_norm: float | None) -> dict:
+    """What a checkpoint's meta.json says. `losses` holds train_loss (every rank's mean),
+    val_loss (None without validation) and the later original's window statistics
+    (window_statistics in metrics.py). A bf269c6-dialect run writes the original's first
+    four keys (train_loss, val_loss, global_step, is_best), a c894ed0-dialect run its
+    eleven, in its order; ours follow, so that a resume can check it continues the same
+    run (`check_resumable`), the chart survives pruning (history: a {global_step,
+    train_loss, val_loss, is_best} point per checkpoint), and a person sees how the
+    checkpoint was trained. `training` is the session (support/training.py), its history
+    already holding this checkpoint's point."""
     config = training.config
-    return {
-        "train_loss": train_loss, "val_loss": val_loss, "global_step": step,
-        "is_best": is_best, "tokens_seen": (step + 1) * training.tokens_per_step, "learning_rate": learning_rate,
+    if config.dialect == "c894ed0":
+        window = losses["window"]
+        meta = {"learning_rate": learning_rate, **{key: window[key] for key in WINDOW_KEYS},
+                "global_step": step, "is_best": is_best, "train_loss": losses["train_loss"]}
+        if config.validates:
+            meta["val_loss"] = losses["val_loss"]
+    else:
+        meta = {"train_loss": losses["train_loss"], "val_loss": losses["val_loss"], "global_step": step,
+                "is_best": is_best}
+        if "moe" in training.model_config:
+            meta.update({key: losses["window"][key] for key in ("moe_routing_weights", "moe_routing_topk_weights")})
+    return meta | {
+        "tokens_seen": (step + 1) * training.tokens_per_step, "learning_rate": learning_rate,
         "grad_norm": grad_norm, "world_size": training.ranks.world_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "minibatch_size": config.minibatch_size, "context_length": training.model_config["context_length"],
@@ -310,6 +339,11 @@ def checkpoint_meta(training, step: int, train_loss: float, val_loss: float, is_
         "parallelism": "fsdp" if training.model.sharded else "ddp",
         "activation_checkpointing": config.activation_checkpointing,
     }
+
+
+# The later original's meta.json keys between learning_rate and global_step, in its order.
+WINDOW_KEYS = ("min_train_loss", "max_train_loss", "avg_train_loss", "max_grad_norms", "avg_grad_norms",
+               "frac_clipped", "moe_routing_weights", "moe_routing_topk_weights")
 
 
 def check_resumable(checkpoint: Checkpoint, *, world_size: int, gradient_accumulation_steps: int,
@@ -382,7 +416,7 @@ def point_link(checkpoints_dir: Path, link_name: str, target_name: str) -> None:
 
 
 def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict,
-                    scaler_state: dict, rng_state: dict | None, meta: dict,
+                    scaler_state: dict | None, rng_state: dict | None, meta: dict, scheduler_state=None,
                     keep: int | None = None, model_config: dict | None = None) -> Checkpoint:
     """Write a complete checkpoint atomically, point `latest` (and `best` when meta says
     is_best) at it, and delete all but the newest `keep` (best and latest are kept).
@@ -406,8 +440,9 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         name = _new_name(checkpoints_dir, global_step)
         partial = checkpoints_dir / f"{PARTIAL_PREFIX}{name}"
-        _write_files(partial, global_step, tensors, metadata, optimizer_state, scaler_state, rng_state,
-                     meta, writing)
+        _write_files(partial, global_step, tensors, metadata,
+                     {OPTIMIZER_FILE: optimizer_state, SCALER_FILE: scaler_state, SCHEDULER_FILE: scheduler_state,
+                      RNG_FILE: rng_state}, meta, writing)
         final = checkpoints_dir / name
         os.rename(partial, final)
         safe_files.fsync_dir(checkpoints_dir)
@@ -423,7 +458,7 @@ def save_checkpoint(checkpoints_dir, *, model_state: dict, optimizer_state: dict
         # RuntimeError): whatever carries a final name is still complete.
         if name is not None:
             _take_back(checkpoints_dir, name)
-        needed = estimated_checkpoint_bytes(tensors, optimizer_state, scaler_state, rng_state, meta)
+        needed = estimated_checkpoint_bytes(tensors, optimizer_state, scaler_state or {}, rng_state, meta)
         what = f"checkpoint{f' {name}' if name else ''} of step {global_step}"
         raise CheckpointError(safe_files.write_failure(checkpoints_dir, what, error, writing["file"], needed)) from None
     return Checkpoint(name, final, global_step, meta)
@@ -492,10 +527,10 @@ def low_space_warning(checkpoints_dir) -> str | None:
             f"of the newest checkpoint {newest.name}; the next checkpoint will probably not fit")
 
 
-def _write_files(partial: Path, global_step, tensors, metadata, optimizer_state, scaler_state, rng_state,
-                 meta, writing):
+def _write_files(partial: Path, global_step, tensors, metadata, torch_files: dict, meta, writing):
     """Every file of a checkpoint, into the hidden directory `partial`, synced to disk;
-    writing["file"] names the one being written."""
+    torch_files maps a .pt file's name to its state (None: not written); writing["file"]
+    names the one being written."""
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
@@ -504,13 +539,10 @@ def _write_files(partial: Path, global_step, tensors, metadata, optimizer_state,
     safe_files.give_usual_permissions(partial / MODEL_FILE)  # safetensors creates it owner-only
     safe_files.fsync_file(partial / MODEL_FILE)
     _test_kill_point("partial", global_step)
-    writing["file"] = OPTIMIZER_FILE
-    _torch_save(optimizer_state, partial / OPTIMIZER_FILE)
-    writing["file"] = SCALER_FILE
-    _torch_save(scaler_state, partial / SCALER_FILE)
-    if rng_state is not None:
-        writing["file"] = RNG_FILE
-        _torch_save(rng_state, partial / RNG_FILE)
+    for name, state in torch_files.items():
+        if state is not None:
+            writing["file"] = name
+            _torch_save(state, partial / name)
     writing["file"] = META_FILE
     with open(partial / META_FILE, "w", encoding="utf-8") as file:
         json.dump(meta, file, indent=2)
@@ -566,21 +598,28 @@ def remove_leftovers(checkpoints_dir) -> list[str]:
 class ResumeState:
     checkpoint: Checkpoint
     optimizer_state: dict
-    scaler_state: dict
-    rng_state: dict | None   # None for checkpoints written by the original scripts
+    scaler_state: dict | None      # None where the checkpoint has no scaler.pt (the later original without AMP)
+    rng_state: dict | None         # None for checkpoints written by the original scripts
+    scheduler_state: dict | None   # the later original's learning-rate schedule, where it had one
+
+
+def _read_state_dict(path: Path, what: str, required: bool = True) -> dict | None:
+    if not required and not path.exists():
+        return None
+    state = read_torch_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not {what}")
+    return state
 
 
 def read_resume_state(checkpoint: Checkpoint) -> ResumeState:
-    """Optimizer, scaler and RNG states of a checkpoint (the weights are read separately)."""
-    optimizer_state = read_torch_file(checkpoint.path / OPTIMIZER_FILE)
-    if not isinstance(optimizer_state, dict) or "state" not in optimizer_state:
-        raise CheckpointError(f"{checkpoint.path / OPTIMIZER_FILE}: not an optimizer state dict")
-    scaler_state = read_torch_file(checkpoint.path / SCALER_FILE)
-    if not isinstance(scaler_state, dict):
-        raise CheckpointError(f"{checkpoint.path / SCALER_FILE}: not a GradScaler state dict")
-    rng_state = None
-    if (checkpoint.path / RNG_FILE).exists():
-        rng_state = read_torch_file(checkpoint.path / RNG_FILE)
-        if not isinstance(rng_state, dict):
-            raise CheckpointError(f"{checkpoint.path / RNG_FILE}: not an RNG state dict")
-    return ResumeState(checkpoint, optimizer_state, scaler_state, rng_state)
+    """Optimizer, scaler, RNG and schedule states of a checkpoint (the weights are read separately)."""
+    path = checkpoint.path
+    optimizer_state = _read_state_dict(path / OPTIMIZER_FILE, "an optimizer state dict")
+    if "state" not in optimizer_state:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: not an optimizer state dict")
+    return ResumeState(checkpoint, optimizer_state,
+                       _read_state_dict(path / SCALER_FILE, "a GradScaler state dict", required=False),
+                       _read_state_dict(path / RNG_FILE, "an RNG state dict", required=False),
+                       _read_state_dict(path / SCHEDULER_FILE, "a learning-rate scheduler's state dict",
+                                        required=False))

@@ -161,105 +161,194 @@ def load_model_config(path) -> dict:
 
 # --- train.json ---
 
+# train.json comes in two dialects, told apart by the name of the batch key:
+#   "bf269c6" (`minibatch_size`): the original as first published; validation every
+#       validation_interval steps, `best` by validation loss, our defaults (an automatic
+#       precision, DEFAULT_SEED with a stream per rank);
+#   "c894ed0" (`microbatch_size`): the original's later main; a checkpoint every
+#       checkpoint_interval steps without validation, `best` by the window's average train
+#       loss, fp16 with a GradScaler unless "use_amp": false, seed 42 on every rank, its
+#       learning-rate schedule and meta.json keys.
+# Every key is understood in both; the dialect only decides the defaults. Two keys for
+# one thing are refused.
+C894ED0_RANDOM_SEED = 42
+SAME_THING = [("minibatch_size", "microbatch_size"), ("seed", "random_seed"), ("grad_clip", "clipping_max_norm"),
+              ("dtype", "use_amp"), ("lr_schedule", "schedule_learning_rate"),
+              ("warmup_steps", "warmup_period_percent"), ("min_learning_rate", "schedule_learning_rate")]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # The seed's keys, all required as in the seed.
+    # Required in both dialects (the batch key under either name).
     dataset: str                 # Hub dataset repo id, or a local directory of split files
     min_train_tokens: int        # -1: as many whole global batches as fit
     start_train_token: int
-    start_val_token: int
-    minibatch_size: int          # sequences per rank per micro-step
-    validation_interval: int     # global steps between validation + checkpoint
-    validation_batches: int
-    # Optional keys; the defaults reproduce the seed.
+    minibatch_size: int          # sequences per rank per micro-step (c894ed0: microbatch_size)
+    checkpoint_interval: int     # global steps between checkpoints (validation_interval when validating)
+    # Validation: required with validation_interval, unused with checkpoint_interval.
+    validation_interval: int | None = None
+    validation_batches: int | None = None
+    start_val_token: int | None = None
+    dialect: str = "bf269c6"               # "bf269c6" | "c894ed0": see above
+    # Optional keys; the defaults reproduce the original of the config's dialect.
     learning_rate: float = 0.0004
     weight_decay: float = 0.1
     warmup_steps: int = 0
-    lr_schedule: str = "constant"          # "constant" | "cosine"
+    lr_schedule: str = "constant"          # "constant" | "cosine" | "original" (schedule_learning_rate)
     min_learning_rate: float = 0.0         # floor of the cosine schedule
-    grad_clip: float | None = None         # max global gradient norm
+    warmup_percent: float = 0              # the original schedule's warm-up, in percent of the run
+    grad_clip: float | None = None         # max global gradient norm (c894ed0: clipping_max_norm)
     gradient_accumulation_steps: int = 1
     dtype: str | None = None               # None: bf16 where supported, else fp16 + GradScaler
+    use_amp: bool | None = None            # c894ed0's switch: fp16 + GradScaler, else plain fp32
     compile: bool = False
-    seed: int = DEFAULT_SEED              # initial weights; seed + rank drives each rank's dropout
+    seed: int = DEFAULT_SEED              # initial weights (and dropout; see seed_each_rank)
+    seed_each_rank: bool = True            # ours: rank r's dropout from seed + r; c894ed0's random_seed: one stream
     keep_checkpoints: int | None = None    # newest N kept besides best and latest; None keeps all
-    weight_decay_scope: str = "all"        # "all" (the seed) | "matrices" (not biases/norms)
-    parallelism: str = "ddp"               # "ddp" (the seed) | "fsdp" (FSDP2: sharded weights, grads, AdamW)
+    weight_decay_scope: str = "all"        # "all" (the original) | "matrices" (not biases/norms)
+    parallelism: str = "ddp"               # "ddp" (the original) | "fsdp" (FSDP2: sharded weights, grads, AdamW)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     init_from: str | None = None           # model.safetensors to start a fresh run from
+    moe_balance_loss_weight: float = 0.0   # Switch Transformer's load-balancing loss for a mixture of experts
     log_interval: int = 1                  # global steps per training row of metrics.jsonl
     tensorboard: bool = False              # also write metrics as TensorBoard events
     wandb_project: str | None = None       # also log metrics to this Weights & Biases project
     # lm-eval scores at checkpoints (benchmark_scores.py); no tasks: none, and lm-eval never imported.
     benchmark_tasks: tuple = ()            # lm-eval task, group or tag names
-    benchmark_interval: int | None = None  # global steps, a multiple of validation_interval (absent: it)
+    benchmark_interval: int | None = None  # global steps, a multiple of checkpoint_interval (absent: it)
     benchmark_limit: int = 500             # examples per task: a quick look, not a score to report
     benchmark_include_path: str | None = None  # a directory of task YAML files (relative: to the run directory)
+    ignored_keys: tuple = ()               # keys of the file that this config does not use (a note at start-up)
+
+    @property
+    def validates(self) -> bool:
+        return self.validation_interval is not None
 
 
+# The keys a file may hold, each with its check; null counts as absent. The rest of the
+# function below turns them into TrainConfig's fields.
+def _train_checks(path):
+    number = lambda key, **kw: lambda v: _float(path, key, v, **kw)  # noqa: E731
+    integer = lambda key, minimum: lambda v: _int(path, key, v, minimum=minimum)  # noqa: E731
+    flag = lambda key: lambda v: _bool(path, key, v)  # noqa: E731
+    text = lambda key: lambda v: _text(path, key, v)  # noqa: E731
+    return {
+        "dataset": text("dataset"), "min_train_tokens": integer("min_train_tokens", -1),
+        "start_train_token": integer("start_train_token", 0), "start_val_token": integer("start_val_token", 0),
+        "minibatch_size": integer("minibatch_size", 1), "microbatch_size": integer("microbatch_size", 1),
+        "validation_interval": integer("validation_interval", 1), "validation_batches": integer("validation_batches", 1),
+        "checkpoint_interval": integer("checkpoint_interval", 1),
+        "learning_rate": number("learning_rate", strictly_positive=True), "weight_decay": number("weight_decay"),
+        "warmup_steps": integer("warmup_steps", 0),
+        "lr_schedule": lambda v: _choice(path, "lr_schedule", v, ("constant", "cosine")),
+        "min_learning_rate": number("min_learning_rate"),
+        "schedule_learning_rate": flag("schedule_learning_rate"),
+        # Kept as written: the original's warm-up is (steps * percent) // 100, an int for an int.
+        "warmup_period_percent": lambda v: (_float(path, "warmup_period_percent", v), v)[1],
+        "grad_clip": number("grad_clip", strictly_positive=True),
+        "clipping_max_norm": number("clipping_max_norm", strictly_positive=True),
+        "gradient_accumulation_steps": integer("gradient_accumulation_steps", 1),
+        "dtype": lambda v: _choice(path, "dtype", v, ("bf16", "fp16", "fp32")), "use_amp": flag("use_amp"),
+        "compile": flag("compile"), "seed": integer("seed", 0), "random_seed": integer("random_seed", 0),
+        "keep_checkpoints": integer("keep_checkpoints", 1),
+        "weight_decay_scope": lambda v: _choice(path, "weight_decay_scope", v, ("all", "matrices")),
+        "parallelism": lambda v: _choice(path, "parallelism", v, ("ddp", "fsdp")),
+        "activation_checkpointing": flag("activation_checkpointing"), "init_from": text("init_from"),
+        "moe_balance_loss_weight": number("moe_balance_loss_weight"),
+        "log_interval": integer("log_interval", 1), "tensorboard": flag("tensorboard"),
+        "wandb_project": text("wandb_project"),
+        "benchmark_tasks": lambda v: _task_names(path, "benchmark_tasks", v),
+        "benchmark_interval": integer("benchmark_interval", 1), "benchmark_limit": integer("benchmark_limit", 1),
+        "benchmark_include_path": text("benchmark_include_path"),
+    }
+
+
+# The bf269c6 dialect's required keys, as the original first published them.
 TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val_token",
                   "minibatch_size", "validation_interval", "validation_batches")
-TRAIN_OPTIONAL = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_REQUIRED)
 
 
 def validate_train_config(data: dict, path="train.json") -> TrainConfig:
-    _check_keys(path, data, TRAIN_REQUIRED, TRAIN_OPTIONAL)
-    values = {
-        "dataset": _text(path, "dataset", data["dataset"]),
-        "min_train_tokens": _int(path, "min_train_tokens", data["min_train_tokens"], minimum=-1),
-        "start_train_token": _int(path, "start_train_token", data["start_train_token"], minimum=0),
-        "start_val_token": _int(path, "start_val_token", data["start_val_token"], minimum=0),
-        "minibatch_size": _int(path, "minibatch_size", data["minibatch_size"], minimum=1),
-        "validation_interval": _int(path, "validation_interval", data["validation_interval"], minimum=1),
-        "validation_batches": _int(path, "validation_batches", data["validation_batches"], minimum=1),
-    }
-    if values["min_train_tokens"] == 0:
+    checks = _train_checks(path)
+    unknown = [key for key in data if key not in checks]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(checks))})")
+    given = {key: check(data[key]) for key, check in checks.items() if data.get(key) is not None}
+    for ours, theirs in SAME_THING:
+        if ours in given and theirs in given:
+            raise ConfigError(f"{path}: keys '{ours}' and '{theirs}' both set what is one setting: keep one")
+    dialect = "c894ed0" if "microbatch_size" in given else "bf269c6"
+    interval_key = "checkpoint_interval" if dialect == "c894ed0" else "validation_interval"
+    batch_key = "microbatch_size" if dialect == "c894ed0" else "minibatch_size"
+    for key in ("dataset", "min_train_tokens", "start_train_token", batch_key):
+        if key not in given:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    if "checkpoint_interval" not in given and "validation_interval" not in given:
+        raise ConfigError(f"{path}: missing key '{interval_key}'")
+    if given["min_train_tokens"] == 0:
         _fail(path, "min_train_tokens", 0, "-1 (use all) or a positive integer")
-    # Optional keys: null counts as absent.
-    checks = {
-        "learning_rate": lambda v: _float(path, "learning_rate", v, strictly_positive=True),
-        "weight_decay": lambda v: _float(path, "weight_decay", v),
-        "warmup_steps": lambda v: _int(path, "warmup_steps", v, minimum=0),
-        "lr_schedule": lambda v: _choice(path, "lr_schedule", v, ("constant", "cosine")),
-        "min_learning_rate": lambda v: _float(path, "min_learning_rate", v),
-        "grad_clip": lambda v: _float(path, "grad_clip", v, strictly_positive=True),
-        "gradient_accumulation_steps": lambda v: _int(path, "gradient_accumulation_steps", v, minimum=1),
-        "dtype": lambda v: _choice(path, "dtype", v, ("bf16", "fp16", "fp32")),
-        "compile": lambda v: _bool(path, "compile", v),
-        "seed": lambda v: _int(path, "seed", v, minimum=0),
-        "keep_checkpoints": lambda v: _int(path, "keep_checkpoints", v, minimum=1),
-        "weight_decay_scope": lambda v: _choice(path, "weight_decay_scope", v, ("all", "matrices")),
-        "parallelism": lambda v: _choice(path, "parallelism", v, ("ddp", "fsdp")),
-        "activation_checkpointing": lambda v: _bool(path, "activation_checkpointing", v),
-        "init_from": lambda v: _text(path, "init_from", v),
-        "log_interval": lambda v: _int(path, "log_interval", v, minimum=1),
-        "tensorboard": lambda v: _bool(path, "tensorboard", v),
-        "wandb_project": lambda v: _text(path, "wandb_project", v),
-        "benchmark_tasks": lambda v: _task_names(path, "benchmark_tasks", v),
-        "benchmark_interval": lambda v: _int(path, "benchmark_interval", v, minimum=1),
-        "benchmark_limit": lambda v: _int(path, "benchmark_limit", v, minimum=1),
-        "benchmark_include_path": lambda v: _text(path, "benchmark_include_path", v),
-    }
-    for key, check in checks.items():
-        if data.get(key) is not None:
-            values[key] = check(data[key])
-    interval = values.setdefault("benchmark_interval", values["validation_interval"])
-    if interval % values["validation_interval"]:
+    values = {key: given[key] for key in ("dataset", "min_train_tokens", "start_train_token")}
+    values.update(minibatch_size=given[batch_key], dialect=dialect)
+    ignored = []
+    if "checkpoint_interval" in given:
+        # As at c894ed0: checkpoints without validation; the validation keys are not read.
+        values["checkpoint_interval"] = given["checkpoint_interval"]
+        ignored = [key for key in ("validation_interval", "validation_batches") if key in given]
+    else:
+        for key in ("validation_batches", "start_val_token"):
+            if key not in given:
+                raise ConfigError(f"{path}: missing key '{key}' (validation_interval asks for validation)")
+        values.update(checkpoint_interval=given["validation_interval"], validation_interval=given["validation_interval"],
+                      validation_batches=given["validation_batches"], start_val_token=given["start_val_token"])
+    values.update(_optional_train_values(path, given, dialect))
+    values["ignored_keys"] = tuple(ignored)
+    return _checked_together(path, TrainConfig(**values))
+
+
+# Keys that are TrainConfig fields of the same name and meaning in both dialects.
+_SAME_NAMED = ("learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "min_learning_rate", "grad_clip",
+               "gradient_accumulation_steps", "dtype", "use_amp", "compile", "seed", "keep_checkpoints",
+               "weight_decay_scope", "parallelism", "activation_checkpointing", "init_from",
+               "moe_balance_loss_weight", "log_interval", "tensorboard", "wandb_project", "benchmark_tasks",
+               "benchmark_interval", "benchmark_limit", "benchmark_include_path")
+
+
+def _optional_train_values(path, given: dict, dialect: str) -> dict:
+    values = {key: given[key] for key in _SAME_NAMED if key in given}
+    if "clipping_max_norm" in given:
+        values["grad_clip"] = given["clipping_max_norm"]
+    if given.get("schedule_learning_rate"):
+        values.update(lr_schedule="original", warmup_percent=given.get("warmup_period_percent", 0))
+    elif "warmup_period_percent" in given:
+        raise ConfigError(f"{path}: key 'warmup_period_percent' needs \"schedule_learning_rate\": true")
+    if dialect == "c894ed0" and "dtype" not in given:
+        values["use_amp"] = given.get("use_amp", True)   # the later original's default
+    if "random_seed" in given or (dialect == "c894ed0" and "seed" not in given):
+        # The later original: one seed for every rank (Python's `random` too).
+        values.update(seed=given.get("random_seed", C894ED0_RANDOM_SEED), seed_each_rank=False)
+    return values
+
+
+def _checked_together(path, config: TrainConfig) -> TrainConfig:
+    interval = config.benchmark_interval or config.checkpoint_interval
+    if interval % config.checkpoint_interval:
         # Benchmarks score the weights a checkpoint has just saved.
+        key = "validation_interval" if config.validates else "checkpoint_interval"
         raise ConfigError(
-            f"{path}: key 'benchmark_interval' must be a multiple of 'validation_interval' "
-            f"({values['validation_interval']}): benchmarks score checkpoints, got {interval}")
-    config = TrainConfig(**values)
+            f"{path}: key 'benchmark_interval' must be a multiple of '{key}' "
+            f"({config.checkpoint_interval}): benchmarks score checkpoints, got {interval}")
+    config = dataclasses.replace(config, benchmark_interval=interval)
     if config.min_learning_rate > config.learning_rate:
         raise ConfigError(
             f"{path}: key 'min_learning_rate' ({config.min_learning_rate}) must not exceed "
             f"'learning_rate' ({config.learning_rate})"
         )
-    if config.parallelism == "fsdp" and config.dtype == "fp16":
+    if config.parallelism == "fsdp" and (config.dtype == "fp16" or config.use_amp):
         # FSDP2 mixes precision through its own policy; fp16 would also need a sharded
         # gradient scaler, which we don't carry.
-        raise ConfigError(f"{path}: key 'dtype' is \"fp16\", which 'parallelism' \"fsdp\" does "
-                          f"not support; use \"bf16\" or \"fp32\"")
+        key, value = ("dtype", '"fp16"') if config.dtype == "fp16" else ("use_amp", "true")
+        raise ConfigError(f"{path}: key '{key}' is {value} (fp16 with a GradScaler), which 'parallelism' \"fsdp\" "
+                          f"does not support; use \"dtype\": \"bf16\" or \"fp32\"")
     return config
 
 

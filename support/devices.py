@@ -33,13 +33,24 @@ def choose_device_and_dtype(device_name: str | None, dtype_name: str | None):
     return device, dtype_name or default_dtype_name(device)
 
 
-def training_dtype(train_json, config, device: torch.device) -> str:
-    """The precision a run trains in: train.json's `dtype`, else the device's default;
-    a choice the device or the parallelism can't train in is a ConfigError naming the key."""
+def training_dtype(train_json, config, device: torch.device) -> tuple[str, str | None]:
+    """The precision a run trains in, and a note to print when train.json's choice means
+    something else on this device: `dtype`; else the later original's `use_amp` (true:
+    fp16 autocast with a GradScaler, as it does on GPUs even where bf16 would run; false:
+    plain fp32); else the device's default. A choice the device or the parallelism can't
+    train in is a ConfigError naming the key."""
     from .config import ConfigError
 
+    note = None
+    wanted = config.dtype
+    if wanted is None and config.use_amp is not None:
+        wanted = "fp16" if config.use_amp else "fp32"
+        if config.use_amp and device.type != "cuda":
+            wanted = default_dtype_name(device)
+            note = (f"note: {train_json}: \"use_amp\": true means fp16 autocast with a GradScaler on a GPU; "
+                    f"on {device.type} this run trains in {wanted} instead (set \"use_amp\": false for fp32)")
     try:
-        _, dtype_name = choose_device_and_dtype(str(device), config.dtype)
+        _, dtype_name = choose_device_and_dtype(str(device), wanted)
     except ValueError:
         raise ConfigError(f"{train_json}: key 'dtype' is \"bf16\", which {device} "
                           f"does not support; use \"fp16\" or \"fp32\"") from None
@@ -48,7 +59,7 @@ def training_dtype(train_json, config, device: torch.device) -> str:
         raise ConfigError(f"{train_json}: key 'parallelism' is \"fsdp\", which trains in "
                           f"bf16 or fp32 only, and {device} does not support bf16: set \"dtype\": "
                           f"\"fp32\", or use \"parallelism\": \"ddp\"")
-    return dtype_name
+    return dtype_name, note
 
 
 def to_device(batch, device: torch.device):
@@ -127,12 +138,13 @@ GPU_PEAK_FLOPS = [  # (name, {dtype: FLOP/s})
 ]
 
 
-def enable_tf32(device: torch.device) -> None:
+def enable_tf32(device: torch.device, enabled: bool = True) -> None:
     """On CUDA, run fp32 matmuls and convolutions (the fp32 dtype, and whatever autocast
-    leaves in fp32) on TF32 tensor cores: ~8x an A100's or H100's plain fp32 rate."""
+    leaves in fp32) on TF32 tensor cores: ~8x an A100's or H100's plain fp32 rate. Off
+    for the later original's "use_amp": false, which trains in true fp32."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def datasheet_peak_flops(device: torch.device, dtype_name: str) -> float | None:

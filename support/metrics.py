@@ -129,6 +129,11 @@ class StepMetrics:
         # This rank's loss since the last checkpoint, on the device, for the checkpoint's train loss.
         self.checkpoint_loss = torch.zeros((), device=self.device)
         self.checkpoint_steps = 0
+        # Rank 0's micro-steps since the last checkpoint, for the later original's meta.json keys.
+        self.checkpoint_window = CheckpointWindow(self.grad_clip) if training.ranks.is_main else None
+        # A mixture of experts' routing over the open row's micro-steps (rank 0), and its balance loss.
+        self.row_routing = self.row_balance = None
+        self.row_micro_steps = 0
 
     def row_ends_at(self, step: int) -> bool:
         # Rows also end at every checkpoint, so that a resumed run logs the rows an
@@ -140,9 +145,14 @@ class StepMetrics:
 
     # --- every step (every rank): device work only ---
 
-    def step_done(self, step: int, step_loss: torch.Tensor, learning_rate: float, grad_norm) -> None:
+    def step_done(self, step: int, result) -> None:
+        """A finished global step: `result` is train_step's StepResult (support/training.py)."""
+        step_loss, learning_rate, grad_norm = result.loss_sum, result.learning_rate, result.grad_norm
         self.checkpoint_loss += step_loss
         self.checkpoint_steps += 1
+        if self.ranks.is_main:
+            self.checkpoint_window.add(result)
+            self.add_routing(result)
         self.row_loss += step_loss
         if grad_norm is not None:
             self.row_norm += grad_norm
@@ -153,11 +163,28 @@ class StepMetrics:
         loss_sum = all_reduce_sum(self.row_loss.clone(), self.ranks)
         if self.ranks.is_main:
             self.pending.append((step, self.row_steps, loss_sum, self.row_norm.clone(), self.row_clipped.clone(),
-                                 learning_rate, time.monotonic()))
+                                 learning_rate, time.monotonic(), self.take_routing()))
         self.row_loss.zero_()
         self.row_norm.zero_()
         self.row_clipped.zero_()
         self.row_steps = 0
+
+    def add_routing(self, result) -> None:
+        """Rank 0: the step's micro-steps' routing statistics into the open row (device sums)."""
+        if not result.routing:
+            return
+        sums = torch.stack([torch.stack(pair) for pair in result.routing]).sum(0)   # (2, layers, experts)
+        self.row_routing = sums if self.row_routing is None else self.row_routing + sums
+        if result.balance_loss is not None:
+            self.row_balance = result.balance_loss if self.row_balance is None else self.row_balance + result.balance_loss
+        self.row_micro_steps += len(result.routing)
+
+    def take_routing(self):
+        """The open row's routing sums and micro-step count, and a fresh start; None for a dense model."""
+        taken = None if self.row_routing is None else (self.row_routing, self.row_balance, self.row_micro_steps)
+        self.row_routing = self.row_balance = None
+        self.row_micro_steps = 0
+        return taken
 
     # --- reading the rows (global rank 0) ---
 
@@ -167,7 +194,7 @@ class StepMetrics:
         steps, the last learning rate, tokens/s and MFU); None when there were none."""
         if not self.ranks.is_main or not self.pending:
             return None
-        numbers = torch.stack([torch.stack([loss, norm, clipped]) for _, _, loss, norm, clipped, _, _ in self.pending])
+        numbers = torch.stack([torch.stack([loss, norm, clipped]) for _, _, loss, norm, clipped, *_ in self.pending])
         now = time.monotonic()
         window_start, window_step = self.window
         first_step = self.pending[0][0] - self.pending[0][1] + 1 if window_step is None else window_step + 1
@@ -179,8 +206,8 @@ class StepMetrics:
         micro_batches = self.training.micro_batches_per_step
         loss_sum = norm_sum = 0.0
         steps = 0
-        for (step, row_steps, *_, learning_rate, seen_at), (loss, norm, clipped) in zip(self.pending,
-                                                                                     numbers.tolist()):
+        for (step, row_steps, *_, learning_rate, seen_at, routing), (loss, norm, clipped) in zip(
+                self.pending, numbers.tolist()):
             row = {"kind": "train", "step": step, "loss": loss / (row_steps * micro_batches),
                    "learning_rate": learning_rate}
             if self.grad_clip is not None:
@@ -189,6 +216,8 @@ class StepMetrics:
             row.update(tokens_per_second=tokens_per_second, mfu=self.mfu(tokens_per_second),
                        tokens_seen=(step + 1) * self.training.tokens_per_step,
                        elapsed_seconds=round(self.elapsed_before + seen_at - self.started, 3), **memory)
+            if routing is not None:
+                row.update(routing_row(*routing))
             self.write(row)
             loss_sum, norm_sum, steps = loss_sum + loss, norm_sum + norm, steps + row_steps
         self.pending.clear()
@@ -201,15 +230,18 @@ class StepMetrics:
             shown["grad_norm"] = norm_sum / steps
         return shown
 
-    def take_train_loss(self) -> float:
-        """A checkpoint's train loss: the mean over every rank and micro-step of the steps
-        since the previous checkpoint (a collective: every rank calls it, and gets it)."""
+    def take_checkpoint_losses(self) -> dict:
+        """A checkpoint's losses: `train_loss`, the mean over every rank and micro-step of
+        the steps since the previous checkpoint (a collective: every rank calls it, and
+        gets it), and on global rank 0 `window`, the later original's statistics of its
+        own micro-steps (CheckpointWindow.take; None elsewhere)."""
         self.read_rows()
         total = all_reduce_sum(self.checkpoint_loss.clone(), self.ranks).item()
         train_loss = total / (self.checkpoint_steps * self.training.micro_batches_per_step)
         self.checkpoint_loss.zero_()
         self.checkpoint_steps = 0
-        return train_loss
+        window = self.checkpoint_window.take() if self.ranks.is_main else None
+        return {"train_loss": train_loss, "window": window}
 
     def training_resumes(self, step: int) -> None:
         """After checkpoint `step`: the next tokens/s leave out the time spent validating,
@@ -232,6 +264,50 @@ class StepMetrics:
         self.read_rows()
         for sink in self.sinks:
             sink.close()
+
+
+class CheckpointWindow:
+    """Global rank 0's micro-steps since the last checkpoint, as the later original keeps
+    them for its meta.json: every micro-step's train loss, every step's gradient norm
+    before clipping (with clipping), and a mixture of experts' routing statistics per
+    micro-step. Kept on the device; read in one go at the checkpoint."""
+
+    def __init__(self, grad_clip):
+        self.grad_clip = grad_clip
+        self.losses, self.norms, self.routing = [], [], []
+
+    def add(self, result) -> None:
+        self.losses.extend(result.micro_losses)
+        if result.grad_norm is not None:
+            self.norms.append(result.grad_norm)
+        self.routing.extend(torch.stack(pair) for pair in result.routing)
+
+    def take(self) -> dict:
+        """The original's keys, computed as it computes them (Python floats), and a fresh window."""
+        losses = torch.stack(self.losses).tolist() if self.losses else []
+        norms = torch.stack(self.norms).tolist() if self.norms else []
+        routing = torch.stack(self.routing).tolist() if self.routing else []   # micro-steps x 2 x layers x experts
+        self.losses, self.norms, self.routing = [], [], []
+        window = {"min_train_loss": min(losses, default=None), "max_train_loss": max(losses, default=None),
+                  "avg_train_loss": sum(losses) / len(losses) if losses else None,
+                  "max_grad_norms": None, "avg_grad_norms": None, "frac_clipped": None,
+                  "moe_routing_weights": [pair[0] for pair in routing],
+                  "moe_routing_topk_weights": [pair[1] for pair in routing]}
+        if norms:
+            window.update(max_grad_norms=max(norms), avg_grad_norms=sum(norms) / len(norms),
+                          frac_clipped=sum(norm > self.grad_clip for norm in norms) / len(norms))
+        return window
+
+
+def routing_row(sums: torch.Tensor, balance_sum, micro_steps: int) -> dict:
+    """A training row's mixture-of-experts keys: per layer, each expert's router
+    probability and top-k weight averaged over the row's micro-steps (global rank 0's),
+    and the mean load-balancing loss where one is trained."""
+    means = (sums / micro_steps).tolist()
+    row = {"moe_routing_weights": means[0], "moe_routing_topk_weights": means[1]}
+    if balance_sum is not None:
+        row["moe_balance_loss"] = balance_sum.item() / micro_steps
+    return row
 
 
 def row_scalars(row: dict) -> dict:

@@ -44,6 +44,61 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
         1.0 + math.cos(math.pi * progress))
 
 
+def original_schedule(optimizer, config: TrainConfig, total_steps: int):
+    """The later original's `schedule_learning_rate`, built from torch's schedulers as it
+    builds them, so that its scheduler.pt loads here and ours there: LinearLR from
+    LR x 1e-5 to LR over W = (T x warmup_period_percent) // 100 steps, then
+    CosineAnnealingLR towards LR / 10 over the other T - W, in a SequentialLR. The LR a
+    step uses is the optimizer's before the scheduler steps (train_step reads it so).
+
+    Without a warm-up (W = 0) it is a plain cosine from the peak, as torch 2.13 and later
+    give it. torch's SequentialLR before that took the LinearLR's first step anyway: the
+    run began at LR x 1e-5, went negative at step 1 and never reached the peak. That is
+    not what anyone asks for, so an older torch is put in the state a newer one starts in."""
+    learning_rate = config.learning_rate
+    warmup = (total_steps * config.warmup_percent) // 100
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.00001, end_factor=1.0,
+                                               total_iters=warmup)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup,
+                                                        eta_min=learning_rate / 10)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers=[linear, cosine], milestones=[warmup])
+    if warmup == 0 and optimizer.param_groups[0]["lr"] != optimizer.param_groups[0]["initial_lr"]:
+        start_at_the_peak(optimizer, cosine, scheduler)
+    return scheduler
+
+
+def start_at_the_peak(optimizer, cosine, scheduler) -> None:
+    """An older torch's SequentialLR without warm-up, put in the state of torch 2.13's:
+    every group back at its peak, and the cosine's first step taken there."""
+    import warnings
+
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    cosine.last_epoch = -1
+    with warnings.catch_warnings():   # "lr_scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore")
+        cosine.step()
+    scheduler._last_lr = cosine.get_last_lr()
+
+
+def resume_schedule(optimizer, scheduler, saved: dict | None, start_step: int) -> None:
+    """Continue the original's schedule where a checkpoint left it: its scheduler.pt where
+    it has one, else (a checkpoint written without this schedule) the schedule stepped up
+    to start_step. Every group's learning rate is then the schedule's for start_step, as
+    the original's optimizer.pt holds it."""
+    import warnings
+
+    if saved is not None:
+        scheduler.load_state_dict(saved)
+    else:
+        with warnings.catch_warnings():   # "lr_scheduler.step() before optimizer.step()": on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(start_step):
+                scheduler.step()
+    for group, learning_rate in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = learning_rate
+
+
 def clip_gradients(model, optimizer, scaler, max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm (unscaled first, under fp16); returns the norm
     before clipping, as a device tensor. `model` is a parallel.WrappedModel."""

@@ -143,7 +143,7 @@ def measure_run(training, train_step, *, timed_steps: int, deadline_hours: float
     loss_sum = torch.zeros((), device=device)
     started = time.perf_counter()
     for step in steps[WARMUP_STEPS:]:
-        loss_sum += train_step(training, step)[0]
+        loss_sum += train_step(training, step).loss_sum
     devices.synchronize(device)
     elapsed = time.perf_counter() - started
     memory, memory_kind = peak_memory(device)

@@ -57,10 +57,10 @@ class TrainingProgress:
                         dynamic_ncols=True, disable=not self.ranks.is_main or self.plain_lines)
         self.started = time.monotonic()
 
-    def step_done(self, step: int, step_loss, learning_rate: float, grad_norm) -> None:
-        """Count a step (its loss and norm stay device tensors: no host sync) and advance
+    def step_done(self, step: int, result) -> None:
+        """Count a step (train_step's StepResult: device tensors, no host sync) and advance
         the bar; about once a second (rank 0 only) read the rows and show them."""
-        self.metrics.step_done(step, step_loss, learning_rate, grad_norm)
+        self.metrics.step_done(step, result)
         self.bar.update(1)
         now = time.monotonic()
         if not self.ranks.is_main or now - self.last_refresh < REFRESH_SECONDS:
@@ -85,15 +85,23 @@ class TrainingProgress:
         if self.ranks.is_main:
             self.bar.write(line)
 
-    def checkpoint_written(self, step: int, train_loss, val_loss: float, is_best: bool, name) -> None:
-        """The checkpoint's validation row and line (rank 0)."""
+    def checkpoint_written(self, step: int, losses: dict, is_best: bool, name) -> None:
+        """The checkpoint's row in metrics.jsonl and its line (rank 0): a "validation" row
+        where the run validates, else a "checkpoint" row with the window's statistics."""
         if not self.ranks.is_main:
             return
-        self.last_losses = (train_loss, val_loss)
-        self.metrics.write_now({"kind": "validation", "step": step, "train_loss": train_loss,
-                                "val_loss": val_loss, "is_best": is_best, "checkpoint": name})
-        self.bar.write(f"step {step:,}: train loss {train_loss:.4f}, validation loss "
-                       f"{val_loss:.4f}{' (best)' if is_best else ''} -> {name}")
+        train_loss, val_loss, window = losses["train_loss"], losses.get("val_loss"), losses.get("window") or {}
+        self.last_losses = (train_loss, val_loss, window.get("avg_train_loss"))
+        if val_loss is not None:
+            row = {"kind": "validation", "step": step, "train_loss": train_loss, "val_loss": val_loss}
+            line = f"train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
+        else:
+            row = {"kind": "checkpoint", "step": step, "train_loss": train_loss,
+                   **{key: window.get(key) for key in ("min_train_loss", "max_train_loss", "avg_train_loss")}}
+            line = (f"train loss {train_loss:.4f} (rank 0's micro-steps: {window['avg_train_loss']:.4f}, "
+                    f"from {window['min_train_loss']:.4f} to {window['max_train_loss']:.4f})")
+        self.metrics.write_now({**row, "is_best": is_best, "checkpoint": name})
+        self.bar.write(f"step {step:,}: {line}{' (best)' if is_best else ''} -> {name}")
 
     def checkpoint_done(self, step: int) -> None:
         """After checkpoint `step` (and its benchmarks): both charts redrawn (rank 0), and the
@@ -129,6 +137,11 @@ class TrainingProgress:
         per_rank = tokens / elapsed / self.ranks.world_size
         print(f"Throughput: {tokens / elapsed:,.0f} tokens/s ({per_rank:,.0f} per rank), "
               f"MFU {self.metrics.mfu(tokens / elapsed):.1%} of {self.metrics.peak_flops / 1e12:,.2f} TFLOP/s")
-        train_loss, val_loss = self.last_losses
-        print(f"Final train loss: {train_loss:.4f}, validation loss: {val_loss:.4f}"
-              f" (best validation loss {best_loss:.4f})")
+        train_loss, val_loss, window_loss = self.last_losses
+        if val_loss is not None:
+            print(f"Final train loss: {train_loss:.4f}, validation loss: {val_loss:.4f}"
+                  f" (best validation loss {best_loss:.4f})")
+        else:
+            best = f"best {'window average' if window_loss is not None and training.best_key == 'avg_train_loss' else 'train loss'}"
+            print(f"Final train loss: {train_loss:.4f}" + (f", rank 0's last window {window_loss:.4f}" if window_loss is not None else "")
+                  + f" ({best} {best_loss:.4f})")

@@ -186,26 +186,29 @@ STARTUP_CHECKED_BATCHES = 100
 
 def load_splits(dataset_dir, config, model_config: dict, micro_batches_per_step: int):
     """(train batches, validation batches) of a run: train.json's slices of the two splits,
-    every batch's token ids checked against model.json's vocab_size as it is read."""
+    every batch's token ids checked against model.json's vocab_size as it is read. A run
+    that does not validate (checkpoint_interval) reads no validation split: None."""
     context_length, vocab_size = model_config["context_length"], model_config["vocab_size"]
     train = load_dataset(dataset_dir, "train", config.min_train_tokens, config.start_train_token,
                          micro_batches_per_step, config.minibatch_size, context_length, vocab_size)
+    if not config.validates:
+        return train, None
     validation = load_dataset(dataset_dir, "validation",
                               config.validation_batches * config.minibatch_size * context_length,
                               config.start_val_token, 1, config.minibatch_size, context_length, vocab_size)
     return train, validation
 
 
-def check_first_batches(train: TokenBatches, validation: TokenBatches) -> int:
+def check_first_batches(train: TokenBatches, validation: TokenBatches | None) -> int:
     """Read, and so check the token ids of, the first train batches and every validation
     batch, so that data for another vocabulary stops the run at start-up; returns how many
     batches were checked."""
     count = min(len(train), STARTUP_CHECKED_BATCHES)
     for index in range(count):
         train[index]
-    for index in range(len(validation)):
+    for index in range(len(validation or ())):
         validation[index]
-    return count + len(validation)
+    return count + len(validation or ())
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -27,10 +27,12 @@ class Training:
     model: WrappedModel
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    scheduler: object = None      # the later original's learning-rate schedule (optimizer.original_schedule)
     resumed_from: Checkpoint | None = None
     start_step: int = 0
     best_loss: float = math.inf
     history: list = field(default_factory=list)   # a {global_step, train_loss, val_loss, is_best} per checkpoint
+    best_key: str = "val_loss"    # the meta.json number `best` is the lowest of (checkpointing.best_loss_key)
     run_lock: object = None       # global rank 0's hold on the run directory (safe_files.lock_run)
     metrics: object = None        # metrics.MetricsLog on every rank of a real run; None in a preflight
     benchmarks: object = None     # benchmark_scores.InTrainingBenchmarks when train.json has benchmark_tasks
@@ -59,6 +61,23 @@ class Training:
     def is_last(self, step: int) -> bool:
         return step == self.total_steps - 1
 
+    @property
+    def is_moe(self) -> bool:
+        return "moe" in self.model_config
+
     def checkpoint_due(self, step: int) -> bool:
-        """Validation and a checkpoint at every step divisible by validation_interval, and at the last."""
-        return step % self.config.validation_interval == 0 or self.is_last(step)
+        """A checkpoint (after validation, where the run validates) at every step divisible
+        by checkpoint_interval (validation_interval), and at the last."""
+        return step % self.config.checkpoint_interval == 0 or self.is_last(step)
+
+
+@dataclass
+class StepResult:
+    """What train_step hands the loop: device tensors (nothing waits for the device) and
+    the learning rate the step used."""
+    loss_sum: torch.Tensor            # this rank's loss summed over the micro-steps
+    learning_rate: float
+    grad_norm: torch.Tensor | None    # the global norm before clipping, where train.json clips
+    micro_losses: list                # each micro-step's loss (global rank 0's feed the later original's meta.json)
+    routing: list = field(default_factory=list)   # per micro-step (router probabilities, top-k weights), each (layers, experts)
+    balance_loss: torch.Tensor | None = None       # the load-balancing loss summed over the micro-steps, where trained

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from support.benchmark_scores import main_metric, task_scores
-from support.config import TrainConfig
+from support.config import validate_train_config
 from support.metrics import METRICS_FILE, open_sinks_on_main_rank
 
 import helpers
@@ -202,8 +202,9 @@ def test_benchmark_rows_through_the_log_rewind_rebuild_and_tensorboard(tmp_path)
             row("validation", 2, val_loss=4.0, checkpoint="d"), row("benchmark", 2, **bench)]
     history = [{"global_step": 0, "train_loss": 5.0, "val_loss": 5.0, "is_best": True},
                {"global_step": 2, "train_loss": 4.0, "val_loss": 4.0, "is_best": True}]
-    config = TrainConfig(dataset="toy", min_train_tokens=1, start_train_token=0, start_val_token=0,
-                         minibatch_size=1, validation_interval=2, validation_batches=1, tensorboard=True)
+    config = validate_train_config({"dataset": "toy", "min_train_tokens": 1, "start_train_token": 0,
+                                    "start_val_token": 0, "minibatch_size": 1, "validation_interval": 2,
+                                    "validation_batches": 1, "tensorboard": True})
 
     def open_log(resume_step, text):
         (tmp_path / METRICS_FILE).write_text(text)
@@ -245,9 +246,10 @@ def test_a_failed_scoring_is_a_warning_and_puts_the_generators_back(monkeypatch,
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(benchmark_scores, "load_exported_model", out_of_memory)
-    config = TrainConfig(dataset="toy", min_train_tokens=1, start_train_token=0, start_val_token=0,
-                         minibatch_size=2, validation_interval=2, validation_batches=1,
-                         benchmark_tasks=("tiny_choice",), benchmark_interval=4)
+    config = validate_train_config({"dataset": "toy", "min_train_tokens": 1, "start_train_token": 0,
+                                    "start_val_token": 0, "minibatch_size": 2, "validation_interval": 2,
+                                    "validation_batches": 1, "benchmark_tasks": ["tiny_choice"],
+                                    "benchmark_interval": 4})
     benchmarks = benchmark_scores.InTrainingBenchmarks(config, tmp_path, MODEL, torch.device("cpu"), "fp32")
     assert [benchmarks.due(step, last_step=step == 5) for step in range(6)] == [True, False, False, False, True, True]
 

@@ -408,7 +408,7 @@ def test_garbage_meta_json_under_best_is_a_warning_at_start_up(tmp_path):
         f"moves to the next checkpoint that beats it"]
     # Resuming from latest still works; best is re-pointed at the next improvement.
     assert checkpointing.resolve_checkpoint(tmp_path, "latest").global_step == 1
-    assert checkpointing.best_val_loss(tmp_path) == 5.5
+    assert checkpointing.best_loss(tmp_path) == 5.5
     third = save(tmp_path, 2, 5.2, is_best=True)
     assert checkpointing.link_target(tmp_path, "best").name == third.name
     assert checkpointing.link_warnings(tmp_path) == []
