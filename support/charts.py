@@ -25,6 +25,7 @@ from . import safe_files
 
 CHART_FILE = "big-training-run-chart.png"
 METRICS_CHART_FILE = "training-metrics-chart.png"
+ROUTING_CHART_FILE = "moe-routing-chart.png"
 XKCD_FONTS = ("xkcd", "xkcd Script", "Humor Sans")
 
 
@@ -80,11 +81,14 @@ def draw_loss_chart(points, best_step, png_path):
         figure = Figure(figsize=(12, 7))
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
-        axes.plot(steps, [point["train_loss"] for point in points], label="training loss", **marker)
-        axes.plot(steps, [point["val_loss"] for point in points], label="validation loss", **marker)
+        axes.plot(steps, [_number(point["train_loss"]) for point in points], label="training loss", **marker)
+        validated = any(point.get("val_loss") is not None for point in points)
+        if validated:
+            axes.plot(steps, [_number(point.get("val_loss")) for point in points], label="validation loss", **marker)
         if best_step is not None:
+            # Without validation (checkpoint_interval) best is the lowest training loss.
             axes.axvline(best_step, color="red", linestyle="--",
-                         label=f"best validation loss (step {best_step})")
+                         label=f"best {'validation' if validated else 'training'} loss (step {best_step})")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("global step")
         axes.set_ylabel("loss")
@@ -446,6 +450,51 @@ def draw_metrics_chart(rows, png_path, grad_clip=None):
     return figure
 
 
+# --- a mixture of experts' routing ---
+
+def draw_routing_chart(rows, png_path):
+    """How a mixture of experts routes, from metrics.jsonl's training rows: per MoE layer
+    (a row of the figure) two heatmaps over global step and expert, each row's mean over
+    rank 0's micro-steps: the router's probability of each expert (the softmax over all
+    of them), and the weight each gets after the top-k (0 where not chosen). An even
+    colour is balanced routing; a bright stripe is an expert taking every token, a dark
+    one an expert left idle. Atomically written; returns the Figure."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    routed = [row for row in latest_rows(rows, "train") if isinstance(row.get("moe_routing_weights"), list)]
+    layers = max((len(row["moe_routing_weights"]) for row in routed), default=0)
+    steps = [row["step"] for row in routed]
+    with chart_style():
+        figure = Figure(figsize=(12, 2.6 * max(layers, 1) + 1))
+        FigureCanvasAgg(figure)
+        panels = figure.subplots(max(layers, 1), 2, squeeze=False, sharex=True)
+        for layer in range(layers):
+            for column, (key, what) in enumerate((("moe_routing_weights", "router probability"),
+                                                  ("moe_routing_topk_weights", "weight after top-k"))):
+                values = np.array([row[key][layer] for row in routed], dtype=float).T   # experts x rows
+                axes = panels[layer][column]
+                image = axes.imshow(values, aspect="auto", origin="lower", interpolation="nearest",
+                                    extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, values.shape[0] - 0.5),
+                                    vmin=0, vmax=max(values.max(), 1e-9), cmap="viridis")
+                figure.colorbar(image, ax=axes)
+                axes.set_title(f"layer {layer}: {what}", fontsize="medium")
+                axes.set_ylabel("expert")
+                axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+                axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for axes in panels[-1]:
+            axes.set_xlabel("global step")
+        if not layers:
+            _say_nothing_logged(panels[0][0], "no routing logged")
+        figure.suptitle("mixture of experts: routing (mean over rank 0's micro-steps of each logged row)")
+        figure.tight_layout()
+        with safe_files.replacing(png_path) as temporary:
+            figure.savefig(temporary, format="png", dpi=100)
+    return figure
+
+
 def chart_points(checkpoints_dir):
     """The points and best step to draw for a run's checkpoints directory: the history
     `latest` carries (or, for the original scripts' runs, every checkpoint's)."""
@@ -485,6 +534,9 @@ def redraw_charts(run_dir, history, best_step, grad_clip=None) -> Redrawn:
     if rows:
         draw_metrics_chart(rows, run_dir / METRICS_CHART_FILE, grad_clip)
         files.append(run_dir / METRICS_CHART_FILE)
+    if any("moe_routing_weights" in row for row in rows):
+        draw_routing_chart(rows, run_dir / ROUTING_CHART_FILE)
+        files.append(run_dir / ROUTING_CHART_FILE)
     return Redrawn(files, bad_lines)
 
 

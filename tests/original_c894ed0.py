@@ -53,6 +53,20 @@ def routing_of(model, inputs):
     return statistics
 
 
+def switch_balancing_loss(model, router_logits):
+    """Ours beyond the original (train.json's moe_balance_loss_weight): the Switch
+    Transformer's load-balancing loss, E * sum_i f_i * P_i averaged over the MoE layers, f
+    the share of token-to-expert assignments to expert i and P its mean router probability."""
+    per_layer = []
+    for block, logits in zip(model.trf_blocks, router_logits):
+        experts, k = logits.shape[-1], block.ff.num_active_experts
+        chosen = torch.topk(logits, k, dim=-1).indices.flatten()
+        share = torch.bincount(chosen, minlength=experts).float() / chosen.numel()
+        probability = torch.softmax(logits.float(), dim=-1).flatten(0, 1).mean(0)
+        per_layer.append(experts * (share * probability).sum())
+    return torch.stack(per_layer).mean()
+
+
 def original_scheduler(optimizer, train: dict, total_steps: int):
     """The original's SequentialLR (section 1.3), built as it builds it from torch's schedulers."""
     peak = train.get("learning_rate", 0.0004)
@@ -126,6 +140,11 @@ def original_training(model_config: dict, train: dict, tokens: torch.Tensor, wor
     per_step = world_size * accumulation * batch * length
     total_steps = -(-train["min_train_tokens"] // per_step)
     clip = train.get("clipping_max_norm")
+    balance = train.get("moe_balance_loss_weight", 0)
+    router_logits = []
+    if balance:
+        for block in model.trf_blocks:
+            block.ff.router.register_forward_hook(lambda module, args, output: router_logits.append(output))
     scheduled = bool(train.get("schedule_learning_rate"))
     scheduler = original_scheduler(optimizer, train, total_steps) if scheduled else None
     start, best = 0, None
@@ -146,8 +165,11 @@ def original_training(model_config: dict, train: dict, tokens: torch.Tensor, wor
                 start_token = ((step * accumulation + micro_step) * world_size + rank) * batch * length
                 chunk = tokens[start_token:start_token + batch * length + 1].long()
                 inputs, targets = chunk[:-1].view(batch, length), chunk[1:].view(batch, length)
+                router_logits.clear()
                 loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-                (loss / accumulation / world_size).backward()
+                objective = loss + balance * switch_balancing_loss(model, router_logits) if balance else loss
+                router_logits.clear()
+                (objective / accumulation / world_size).backward()
                 if rank == 0:
                     losses.append(loss.item())
                     if "moe" in model_config:

@@ -36,6 +36,13 @@ CASES = {
     "moe": ({**DENSE, "moe": {"num_experts": 4, "num_active_experts": 2, "log_moe_balance_file": "moe.jsonl"}},
             {**NO_AMP, "learning_rate": 0.01, "clipping_max_norm": 1.0}),
     "random_seed": (DENSE, {**NO_AMP, "random_seed": 67, "weight_decay": 0.0}),
+    # Ours in that dialect: the tied mixture of experts sharded by FSDP2, its blocks recomputed.
+    "tied moe, fsdp, activation checkpointing": (
+        {**DENSE, "tie_weights": True, "moe": {"num_experts": 4, "num_active_experts": 2}},
+        {**NO_AMP, "clipping_max_norm": 1.0, "parallelism": "fsdp", "activation_checkpointing": True}),
+    # Ours beyond the original: the Switch Transformer's load-balancing loss, logged.
+    "moe balance loss": ({**DENSE, "moe": {"num_experts": 4, "num_active_experts": 2}},
+                         {**NO_AMP, "moe_balance_loss_weight": 0.1}),
 }
 
 
@@ -99,6 +106,15 @@ def test_meta_json_keys_and_files_are_the_originals(trained_pair):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row["kind"] == "checkpoint"] == sorted(
         c.global_step for c in checkpointing.list_checkpoints(run_dir / "checkpoints"))
+    train_rows = [row for row in rows if row["kind"] == "train"]
+    moe = "moe" in CASES[case][0]
+    # A mixture of experts' routing in every training row, and its chart beside the others.
+    assert all(("moe_routing_weights" in row) == moe for row in train_rows)
+    assert (run_dir / "moe-routing-chart.png").exists() == moe
+    assert all(("moe_balance_loss" in row) == ("balance" in case) for row in train_rows)
+    if moe:
+        # The row of step 3 is its own micro-step: the checkpoint's routing statistics.
+        assert close(train_rows[-1]["moe_routing_topk_weights"], meta["moe_routing_topk_weights"][-1])
 
 
 NUMBERS = ("learning_rate", "min_train_loss", "max_train_loss", "avg_train_loss", "max_grad_norms",

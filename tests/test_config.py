@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -93,3 +94,100 @@ def test_train_config_errors_name_file_key_and_value(tmp_path, change, fragment)
         load_train_config(path)
     assert error.value.message.startswith(f"{path}: ")
     assert fragment in error.value.message
+
+
+# --- the later original's dialect (c894ed0: microbatch_size) ---
+
+# Every set of train.json keys among the 36 runs/ of the original at c894ed0, with values
+# of our own (tests/test_c894ed0.py trains configs like these and checks their numbers).
+C894ED0 = dict(dataset="gpjt/fineweb-gpt2-tokens", min_train_tokens=3_260_190_720, start_train_token=0,
+               start_val_token=50_000_000, microbatch_size=13, checkpoint_interval=1000)
+C894ED0_TRAIN_KEY_SETS = [
+    (),
+    ("weight_decay",),
+    ("gradient_accumulation_steps",),
+    ("use_amp",),
+    ("learning_rate",),
+    ("clipping_max_norm",),
+    ("learning_rate", "schedule_learning_rate", "warmup_period_percent"),
+    ("schedule_learning_rate", "warmup_period_percent", "weight_decay"),
+    ("learning_rate", "schedule_learning_rate", "warmup_period_percent", "weight_decay"),
+    ("clipping_max_norm", "learning_rate", "schedule_learning_rate", "warmup_period_percent"),
+    ("clipping_max_norm", "learning_rate", "schedule_learning_rate", "warmup_period_percent", "weight_decay"),
+    ("clipping_max_norm", "gradient_accumulation_steps", "learning_rate", "schedule_learning_rate",
+     "warmup_period_percent", "weight_decay"),
+    ("clipping_max_norm", "gradient_accumulation_steps", "learning_rate", "schedule_learning_rate", "use_amp",
+     "warmup_period_percent"),
+]
+C894ED0_VALUES = dict(weight_decay=0.05, gradient_accumulation_steps=4, use_amp=False, learning_rate=0.0014,
+                      clipping_max_norm=1.0, schedule_learning_rate=True, warmup_period_percent=5)
+
+
+@pytest.mark.parametrize("keys", C894ED0_TRAIN_KEY_SETS, ids=lambda keys: "+".join(keys) or "required only")
+def test_every_key_set_of_the_originals_runs_means_what_it_meant_there(keys, tmp_path):
+    config = load_train_config(write(tmp_path, "train.json", {**C894ED0, **{key: C894ED0_VALUES[key] for key in keys}}))
+    given = set(keys)
+    assert config.dialect == "c894ed0" and config.minibatch_size == 13 and not config.validates
+    assert config.checkpoint_interval == 1000 and config.validation_batches is None
+    assert config.learning_rate == (0.0014 if "learning_rate" in given else 0.0004)
+    assert config.weight_decay == (0.05 if "weight_decay" in given else 0.1)
+    assert config.gradient_accumulation_steps == (4 if "gradient_accumulation_steps" in given else 1)
+    assert config.grad_clip == (1.0 if "clipping_max_norm" in given else None)
+    assert (config.lr_schedule, config.warmup_percent) == (("original", 5) if "schedule_learning_rate" in given
+                                                           else ("constant", 0))
+    assert config.use_amp is ("use_amp" not in given)          # the original's default: fp16 with a scaler
+    assert config.dtype is None and (config.seed, config.seed_each_rank) == (42, False)
+
+
+def test_the_five_legacy_runs_validate_as_the_first_original_did(tmp_path):
+    # microbatch_size but validation_interval: these crash in the original at c894ed0.
+    legacy = {key: value for key, value in C894ED0.items() if key != "checkpoint_interval"}
+    config = load_train_config(write(tmp_path, "train.json", {**legacy, "validation_interval": 100,
+                                                              "validation_batches": 100}))
+    assert config.dialect == "c894ed0" and config.validates
+    assert (config.checkpoint_interval, config.validation_batches, config.start_val_token) == (100, 100, 50_000_000)
+    with pytest.raises(ConfigError, match="missing key 'validation_batches'"):
+        load_train_config(write(tmp_path, "train.json", {**legacy, "validation_interval": 100}))
+    with pytest.raises(ConfigError, match=r"train.json: missing key 'checkpoint_interval'$"):
+        load_train_config(write(tmp_path, "train.json", legacy))
+
+
+def test_the_models_of_the_originals_runs(tmp_path):
+    dense = {**GOOD_MODEL, "context_length": 1024}
+    assert load_model_config(write(tmp_path, "model.json", dense)) == dense
+    tied = load_model_config(write(tmp_path, "model.json", {**dense, "tie_weights": True}))
+    assert tied["tie_weights"] is True
+    moe = {"num_experts": 8, "num_active_experts": 2, "log_moe_balance_file": "runs/x/balance.jsonl"}
+    assert load_model_config(write(tmp_path, "model.json", {**dense, "moe": moe}))["moe"] == moe
+    for bad, message in (({"num_experts": 8, "num_active_experts": 1}, "must be at least 2, got 1"),
+                         ({"num_experts": 2, "num_active_experts": 3}, "(3) is larger than 'num_experts' (2)"),
+                         ({"num_experts": 8}, "missing key 'num_active_experts'"),
+                         ([8, 2], "must be an object")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_model_config(write(tmp_path, "model.json", {**dense, "moe": bad}))
+
+
+@pytest.mark.parametrize("ours, theirs", [("minibatch_size", "microbatch_size"), ("seed", "random_seed"),
+                                          ("grad_clip", "clipping_max_norm"), ("dtype", "use_amp"),
+                                          ("lr_schedule", "schedule_learning_rate"),
+                                          ("warmup_steps", "warmup_period_percent")])
+def test_two_keys_for_one_thing_are_refused(ours, theirs, tmp_path):
+    values = {"minibatch_size": 13, "microbatch_size": 13, "seed": 1, "random_seed": 1, "grad_clip": 1.0,
+              "clipping_max_norm": 1.0, "dtype": "fp32", "use_amp": False, "lr_schedule": "cosine",
+              "schedule_learning_rate": True, "warmup_steps": 10, "warmup_period_percent": 5}
+    data = {**C894ED0, ours: values[ours], theirs: values[theirs]}
+    if theirs == "warmup_period_percent":
+        data["schedule_learning_rate"] = True
+    with pytest.raises(ConfigError, match=f"keys '{ours}' and '{theirs}' both set what is one setting"):
+        load_train_config(write(tmp_path, "train.json", data))
+
+
+def test_our_keys_work_in_the_later_dialect(tmp_path):
+    config = load_train_config(write(tmp_path, "train.json", {**C894ED0, "dtype": "bf16", "seed": 7,
+                                                              "grad_clip": 0.5, "keep_checkpoints": 3}))
+    # Our seed keeps its meaning (a stream per rank); dtype replaces use_amp's default.
+    assert (config.dtype, config.use_amp, config.seed, config.seed_each_rank) == ("bf16", None, 7, True)
+    assert config.grad_clip == 0.5 and config.keep_checkpoints == 3
+    # And the later original's in the first: random_seed means one seed for every rank.
+    first = load_train_config(write(tmp_path, "train.json", {**GOOD_TRAIN, "random_seed": 3}))
+    assert first.dialect == "bf269c6" and (first.seed, first.seed_each_rank) == (3, False) and first.use_amp is None
