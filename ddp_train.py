@@ -74,16 +74,17 @@ from support import checkpointing, devices, preflight, safe_files, weights  # no
 from support.benchmark_scores import BenchmarkError, InTrainingBenchmarks  # noqa: E402
 from support.config import load_model_config, load_train_config  # noqa: E402
 from support.metrics import check_loggers_installed, start_metrics  # noqa: E402
-from support.optimizer import (build_optimizer, clip_gradients, full_optimizer_state,  # noqa: E402
-                               learning_rate_at, load_optimizer_state, original_schedule, resume_schedule,
+from support.optimizer import (build_optimizer, clip_gradients, full_optimizer_state, gradient_norm,  # noqa: E402
+                               learning_rate_at, optimizer_step_unless, original_schedule,
                                set_learning_rate)
 from support.parallel import (Ranks, all_reduce_sum, die_with_launcher, finish_process_group,  # noqa: E402
                               first_on_each_node, full_model_state, main_rank_alone, main_rank_first,
-                              one_line_per_failure, read_ranks, restore_rng_states, rng_states,
-                              start_process_group, training_device, wrap_model)
+                              one_line_per_failure, read_ranks, rng_states, start_process_group,
+                              training_device, weights_finite, wrap_model)
 from support.progress import TrainingProgress, startup_line  # noqa: E402
 from support.token_data import DatasetError, check_first_batches, load_splits, resolve_dataset_dir  # noqa: E402
-from support.training import StepResult, Training  # noqa: E402
+from support.health import Health, injected_loss_factor  # noqa: E402
+from support.training import StepResult, Training, resume, roll_back  # noqa: E402
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
@@ -150,6 +151,10 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
         training.scheduler = original_schedule(training.optimizer, config, training.total_steps)
     if resume_from is not None:
         resume(training, resume_from)
+    training.health = Health(config, device, skipped_before=resume_from.meta.get("nonfinite_steps", 0)
+                             if resume_from else 0)
+    training.health.restore_window(resume_from and resume_from.meta.get("loss_window"))
+    training.injected_loss = injected_loss_factor(ranks.rank)
     notes = [dtype_note] if dtype_note else []
     if config.ignored_keys:
         notes.append(f"note: {run_dir / 'train.json'}: {' and '.join(config.ignored_keys)} not used: "
@@ -164,33 +169,6 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
             print(line)
         print(startup_line(training, dataset_dir, checked_batches, init_from, checkpoint_name))
     return training
-
-
-def resume(training: Training, checkpoint: checkpointing.Checkpoint) -> None:
-    """Continue where `checkpoint` left off: optimizer and scaler states, the step, the
-    best loss and loss history, and every rank's generator states (the weights are
-    already loaded)."""
-    ranks, device = training.ranks, training.device
-    training.resumed_from = checkpoint
-    state = checkpointing.read_resume_state(checkpoint)
-    load_optimizer_state(training.model.model, training.optimizer, state.optimizer_state,
-                         checkpoint.path / checkpointing.OPTIMIZER_FILE, sharded=training.model.sharded)
-    if training.scaler.is_enabled() and state.scaler_state:
-        training.scaler.load_state_dict(state.scaler_state)
-    training.start_step = checkpoint.global_step + 1
-    if training.scheduler is not None:
-        resume_schedule(training.optimizer, training.scheduler, state.scheduler_state, training.start_step)
-    training.best_loss = checkpointing.best_loss(training.checkpoints_dir, training.best_key)
-    training.history = checkpointing.run_history(training.checkpoints_dir, resuming_from=checkpoint)
-    if state.rng_state is not None and state.rng_state.get("world_size") == ranks.world_size:
-        restore_rng_states(state.rng_state, ranks, device)
-    else:
-        # The original scripts saved no generator states: dropout masks from here on
-        # can't match an uninterrupted run, but stay distinct per rank and per resume.
-        torch.manual_seed(training.seed + ranks.rank + 1_000_003 * training.start_step)
-        if ranks.is_main:
-            print(f"note: {checkpoint.name} holds no random-number generator states for "
-                  f"{ranks.world_size} rank(s); training goes on with freshly seeded ones")
 
 
 def check_before_training(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks,
@@ -218,14 +196,32 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
         finish_process_group(ranks)
         return
 
-    progress = TrainingProgress(training)
-    for step in range(training.start_step, training.total_steps):
+    progress, health = TrainingProgress(training), training.health
+    step = training.start_step
+    while step < training.total_steps:
         result = train_step(training, step)
         progress.step_done(step, result)
+        health.step_done(step, result, keep_spikes=ranks.is_main)
+        if health.due(step) or training.checkpoint_due(step):
+            spike = health.check(training.checkpoints_dir)   # every rank alike; too many non-finite: stop
+            progress.spikes(health.take_spikes() if ranks.is_main else [])
+            if spike is not None and rolling_back(training, spike):
+                checkpoint_, skipped = roll_back(training, spike)
+                step = progress.rolled_back(checkpoint_, skipped, spike)
+                continue
         if training.checkpoint_due(step):
             checkpoint(training, progress, step, result)
+        step = training.next_step(step)
     progress.finish(training.best_loss)
     finish_process_group(ranks)
+
+
+def rolling_back(training: Training, spike: int) -> bool:
+    """Whether a spike at step `spike` rolls the run back: asked for, rollbacks left, and a
+    checkpoint before it to go back to."""
+    config = training.config
+    return (config.on_loss_spike == "rollback" and training.rollbacks < config.max_rollbacks
+            and any(c.global_step < spike for c in checkpointing.list_checkpoints(training.checkpoints_dir)))
 
 
 def train_step(training: Training, step: int) -> StepResult:
@@ -251,17 +247,35 @@ def train_step(training: Training, step: int) -> StepResult:
                     objective = add_moe_terms(training, result, loss, routing)
                 else:
                     loss = objective = model.training(inputs, targets=targets)
+                if training.injected_loss is not None and step in training.injected_loss[0]:
+                    loss = objective = loss * training.injected_loss[1]
             scaler.scale(objective / accumulation).backward()
         result.loss_sum += loss.detach()
         result.micro_losses.append(loss.detach())
     if config.grad_clip is not None:
         result.grad_norm = clip_gradients(model, optimizer, scaler, config.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    flag_nonfinite_step(training, result)
+    optimizer_step_unless(result.nonfinite, optimizer, scaler)
     optimizer.zero_grad(set_to_none=True)
     if training.scheduler is not None:
         training.scheduler.step()
     return result
+
+
+def flag_nonfinite_step(training: Training, result: StepResult) -> None:
+    """Whether the step's loss over every rank, or its global gradient norm, is not
+    finite: the same on every rank, so every rank skips the same steps (support/health.py).
+    Under fp16 the scaler skips gradients that overflow, as it must while it finds its
+    scale: only a loss that is not finite counts there."""
+    result.global_loss_sum = all_reduce_sum(result.loss_sum.clone(), training.ranks)
+    result.mean_loss = result.global_loss_sum / training.micro_batches_per_step
+    loss_bad = ~torch.isfinite(result.global_loss_sum)
+    norm_bad = torch.zeros_like(loss_bad)
+    if not training.scaler.is_enabled():
+        norm = result.grad_norm if result.grad_norm is not None else gradient_norm(training.model)
+        norm_bad = ~torch.isfinite(norm)
+    result.nonfinite = (loss_bad | norm_bad).float()
+    result.nonfinite_what = loss_bad.float() + 2 * norm_bad.float()
 
 
 def add_moe_terms(training: Training, result: StepResult, loss, routing):
@@ -306,6 +320,12 @@ def checkpoint(training: Training, progress: TrainingProgress, step: int, result
     validates); global rank 0: a checkpoint and its metrics row, benchmark scores when
     due, and the charts redrawn."""
     ranks, model = training.ranks, training.model
+    # Never weights that are not finite, nor those of a step that was not: latest stays on
+    # the newest healthy checkpoint (every rank decides alike: the flag is the same on all).
+    if result.nonfinite.item() or not weights_finite(model, ranks):
+        progress.write(f"step {step:,}: no checkpoint: its {'step' if result.nonfinite.item() else 'weights'} "
+                       f"not finite; latest stays where it was")
+        return
     losses = training.metrics.take_checkpoint_losses()   # before validating: tokens/s is training's alone
     losses["val_loss"] = validation_loss(training) if training.config.validates else None
     is_best = False

@@ -338,6 +338,10 @@ def checkpoint_meta(training, step: int, losses: dict, is_best: bool, learning_r
         "dtype": training.dtype_name, "seed": config.seed, "history": training.history,
         "parallelism": "fsdp" if training.model.sharded else "ddp",
         "activation_checkpointing": config.activation_checkpointing,
+        # How healthy the run was (support/health.py): steps skipped for not being
+        # finite, rollbacks before loss spikes and the steps they skipped, the spike window.
+        "nonfinite_steps": training.health.skipped_total(), "rollbacks": training.rollbacks,
+        "skipped_steps": training.skipped_steps, "loss_window": training.health.window_state(),
     }
 
 

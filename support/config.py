@@ -210,6 +210,14 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     init_from: str | None = None           # model.safetensors to start a fresh run from
     moe_balance_loss_weight: float = 0.0   # Switch Transformer's load-balancing loss for a mixture of experts
+    # A run that goes wrong (support/health.py): non-finite steps skipped, up to this many in a row.
+    max_nonfinite_steps: int = 10
+    loss_spike_factor: float = 2.0         # a spike: a loss this many times the mean of the window before it
+    loss_spike_window: int = 100           # healthy steps that mean is over
+    on_loss_spike: str = "warn"            # "warn" | "rollback" (to the newest checkpoint before, skipping its batches)
+    max_rollbacks: int = 3                 # rollbacks a run may make before spikes are only warned of
+    preemption_grace_seconds: float = 30   # after a SIGTERM: time to finish the step and checkpoint
+    checkpoint_mirror: str | None = None   # a directory or hf://OWNER/NAME that checkpoints are copied to
     log_interval: int = 1                  # global steps per training row of metrics.jsonl
     tensorboard: bool = False              # also write metrics as TensorBoard events
     wandb_project: str | None = None       # also log metrics to this Weights & Biases project
@@ -255,6 +263,13 @@ def _train_checks(path):
         "parallelism": lambda v: _choice(path, "parallelism", v, ("ddp", "fsdp")),
         "activation_checkpointing": flag("activation_checkpointing"), "init_from": text("init_from"),
         "moe_balance_loss_weight": number("moe_balance_loss_weight"),
+        "max_nonfinite_steps": integer("max_nonfinite_steps", 1),
+        "loss_spike_factor": lambda v: _float(path, "loss_spike_factor", v, minimum=1, strictly_positive=True),
+        "loss_spike_window": integer("loss_spike_window", 1),
+        "on_loss_spike": lambda v: _choice(path, "on_loss_spike", v, ("warn", "rollback")),
+        "max_rollbacks": integer("max_rollbacks", 0),
+        "preemption_grace_seconds": number("preemption_grace_seconds", strictly_positive=True),
+        "checkpoint_mirror": text("checkpoint_mirror"),
         "log_interval": integer("log_interval", 1), "tensorboard": flag("tensorboard"),
         "wandb_project": text("wandb_project"),
         "benchmark_tasks": lambda v: _task_names(path, "benchmark_tasks", v),
@@ -309,7 +324,9 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
 _SAME_NAMED = ("learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "min_learning_rate", "grad_clip",
                "gradient_accumulation_steps", "dtype", "use_amp", "compile", "seed", "keep_checkpoints",
                "weight_decay_scope", "parallelism", "activation_checkpointing", "init_from",
-               "moe_balance_loss_weight", "log_interval", "tensorboard", "wandb_project", "benchmark_tasks",
+               "moe_balance_loss_weight", "max_nonfinite_steps", "loss_spike_factor", "loss_spike_window",
+               "on_loss_spike", "max_rollbacks", "preemption_grace_seconds", "checkpoint_mirror",
+               "log_interval", "tensorboard", "wandb_project", "benchmark_tasks",
                "benchmark_interval", "benchmark_limit", "benchmark_include_path")
 
 

@@ -120,6 +120,7 @@ class StepMetrics:
         self.row_loss = torch.zeros((), device=self.device)
         self.row_norm = torch.zeros((), device=self.device)
         self.row_clipped = torch.zeros((), device=self.device)
+        self.row_nonfinite = torch.zeros((), device=self.device)   # steps skipped: not finite
         self.row_steps = 0
         # Closed rows not read yet (rank 0): (step, steps, loss sum over ranks, norm sum, clipped, lr, time)
         self.pending = []
@@ -153,18 +154,20 @@ class StepMetrics:
         if self.ranks.is_main:
             self.checkpoint_window.add(result)
             self.add_routing(result)
-        self.row_loss += step_loss
+        self.row_loss += result.global_loss_sum
+        self.row_nonfinite += result.nonfinite
         if grad_norm is not None:
             self.row_norm += grad_norm
             self.row_clipped += grad_norm > self.grad_clip
         self.row_steps += 1
         if not self.row_ends_at(step):
             return
-        loss_sum = all_reduce_sum(self.row_loss.clone(), self.ranks)
         if self.ranks.is_main:
-            self.pending.append((step, self.row_steps, loss_sum, self.row_norm.clone(), self.row_clipped.clone(),
-                                 learning_rate, time.monotonic(), self.take_routing()))
+            self.pending.append((step, self.row_steps, self.row_loss.clone(), self.row_norm.clone(),
+                                 self.row_clipped.clone(), self.row_nonfinite.clone(), learning_rate,
+                                 time.monotonic(), self.take_routing()))
         self.row_loss.zero_()
+        self.row_nonfinite.zero_()
         self.row_norm.zero_()
         self.row_clipped.zero_()
         self.row_steps = 0
@@ -194,7 +197,8 @@ class StepMetrics:
         steps, the last learning rate, tokens/s and MFU); None when there were none."""
         if not self.ranks.is_main or not self.pending:
             return None
-        numbers = torch.stack([torch.stack([loss, norm, clipped]) for _, _, loss, norm, clipped, *_ in self.pending])
+        numbers = torch.stack([torch.stack([loss, norm, clipped, skipped])
+                               for _, _, loss, norm, clipped, skipped, *_ in self.pending])
         now = time.monotonic()
         window_start, window_step = self.window
         first_step = self.pending[0][0] - self.pending[0][1] + 1 if window_step is None else window_step + 1
@@ -206,13 +210,14 @@ class StepMetrics:
         micro_batches = self.training.micro_batches_per_step
         loss_sum = norm_sum = 0.0
         steps = 0
-        for (step, row_steps, *_, learning_rate, seen_at, routing), (loss, norm, clipped) in zip(
+        for (step, row_steps, *_, learning_rate, seen_at, routing), (loss, norm, clipped, skipped) in zip(
                 self.pending, numbers.tolist()):
             row = {"kind": "train", "step": step, "loss": loss / (row_steps * micro_batches),
                    "learning_rate": learning_rate}
             if self.grad_clip is not None:
                 row["grad_norm"] = norm / row_steps
                 row["clipped_fraction"] = clipped / row_steps
+            row["nonfinite_steps"] = int(skipped)
             row.update(tokens_per_second=tokens_per_second, mfu=self.mfu(tokens_per_second),
                        tokens_seen=(step + 1) * self.training.tokens_per_step,
                        elapsed_seconds=round(self.elapsed_before + seen_at - self.started, 3), **memory)
@@ -242,6 +247,18 @@ class StepMetrics:
         self.checkpoint_steps = 0
         window = self.checkpoint_window.take() if self.ranks.is_main else None
         return {"train_loss": train_loss, "window": window}
+
+    def rolled_back(self, step: int) -> None:
+        """Back to the checkpoint of `step` (a rollback): the rows so far are written, and
+        what the next checkpoint sums starts afresh there."""
+        self.read_rows()
+        for total in (self.checkpoint_loss, self.row_loss, self.row_norm, self.row_clipped, self.row_nonfinite):
+            total.zero_()
+        self.checkpoint_steps = self.row_steps = 0
+        self.take_routing()
+        if self.checkpoint_window is not None:
+            self.checkpoint_window.take()
+        self.training_resumes(step)
 
     def training_resumes(self, step: int) -> None:
         """After checkpoint `step`: the next tokens/s leave out the time spent validating,

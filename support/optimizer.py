@@ -109,6 +109,35 @@ def clip_gradients(model, optimizer, scaler, max_norm: float) -> torch.Tensor:
     return grad_norm
 
 
+def gradient_norm(model) -> torch.Tensor:
+    """The gradients' global norm (a device tensor), as clip_gradients returns it, for a
+    run that does not clip: what tells a step whose gradients are not finite."""
+    gradients = [p.grad for p in model.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(gradients)
+    if model.sharded:
+        norm = norm.full_tensor()
+    return norm
+
+
+def optimizer_step_unless(flag: torch.Tensor, optimizer, scaler) -> None:
+    """optimizer.step(), skipped where flag (a 0-d float tensor on the device) is 1. Fused
+    AdamW takes the flag as the GradScaler hands it its found_inf: the kernel leaves the
+    weights and moments alone, and nothing waits for the device. Under fp16 the scaler
+    skips steps with non-finite gradients itself. Other optimizers (MPS's for-each) read
+    the flag on the host."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = flag
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not flag.item():
+        optimizer.step()
+    scaler.update()
+
+
 def set_learning_rate(optimizer, learning_rate: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate

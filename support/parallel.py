@@ -132,10 +132,15 @@ def one_line_per_failure(ranks: Ranks, interrupted_hint: str | None = None):
     prints interrupted_hint (the command that resumes) and exits 130; a rank that only saw
     another rank's connection drop says so in one line, since that rank said why."""
     try:
+        refuse_a_restart_that_would_repeat_a_stop()
         yield
     except click.ClickException as error:
-        report_to_launcher(error.format_message())
-        if ranks.local_rank != 0:
+        message = error.format_message()
+        # A restart by torchrun --max-restarts that failed as the attempt before it did
+        # (the same mistake, or a stop no restart can help) says nothing more.
+        repeated = previous_attempt_failure() == (message, error.exit_code)
+        report_to_launcher(message, error.exit_code)
+        if ranks.local_rank != 0 or repeated:
             raise SystemExit(error.exit_code) from None
         raise
     except KeyboardInterrupt:
@@ -150,7 +155,7 @@ def one_line_per_failure(ranks: Ranks, interrupted_hint: str | None = None):
         raise SystemExit(1) from None
 
 
-def report_to_launcher(message: str) -> None:
+def report_to_launcher(message: str, exit_code: int = 1) -> None:
     """Hand torchrun this rank's one-line error for its failure summary (the file it
     names in TORCHELASTIC_ERROR_FILE), where it would otherwise print only an exit code."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -158,10 +163,43 @@ def report_to_launcher(message: str) -> None:
         return
     try:
         with open(path, "w", encoding="utf-8") as file:
-            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}},
-                      file)
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time())),
+                                                                     "exit_code": exit_code}}}, file)
     except OSError:
         pass  # the summary then says less; the line itself is on stderr already
+
+
+# Exit codes of a stop that a restart would only repeat (health.DIVERGED_EXIT_CODE):
+# the restarted attempt gives up at once instead of training into the same stop again.
+NOT_RESTARTABLE = {3}
+
+
+class RepeatedStop(click.ClickException):
+    """The attempt before this one stopped in a way no restart can mend."""
+
+
+def previous_attempt_failure() -> tuple[str, int] | None:
+    """(message, exit code) this local rank reported in torchrun's attempt before this one,
+    if it is a restart and that attempt failed with one of our lines. torchrun gives each
+    attempt's ranks an error file .../attempt_N/LOCAL_RANK/error.json."""
+    path, attempt = os.environ.get("TORCHELASTIC_ERROR_FILE"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not path or attempt == 0 or f"attempt_{attempt}" not in path:
+        return None
+    before = path.replace(f"attempt_{attempt}", f"attempt_{attempt - 1}")
+    try:
+        with open(before, encoding="utf-8") as file:
+            message = json.load(file)["message"]
+        return message["message"], int(message["extraInfo"].get("exit_code", 1))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def refuse_a_restart_that_would_repeat_a_stop() -> None:
+    failure = previous_attempt_failure()
+    if failure is not None and failure[1] in NOT_RESTARTABLE:
+        error = RepeatedStop(failure[0])
+        error.exit_code = failure[1]
+        raise error
 
 
 # What a rank sees when another rank dies in the middle of a collective.
@@ -344,6 +382,26 @@ def full_model_state(wrapped: WrappedModel, ranks: Ranks) -> dict | None:
         state = get_model_state_dict(wrapped.model, options=full_on_cpu())
         return state if ranks.is_main else None
     return wrapped.model.state_dict() if ranks.is_main else None
+
+
+def load_full_model_state(wrapped: WrappedModel, state_dict: dict) -> None:
+    """Full (unsharded) weights into the model being trained, on every rank: a rollback's.
+    Under FSDP each rank keeps its shard of them."""
+    if wrapped.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(wrapped.model, state_dict, options=StateDictOptions(full_state_dict=True))
+    else:
+        wrapped.model.load_state_dict(state_dict, strict=True)
+
+
+def weights_finite(wrapped: WrappedModel, ranks: Ranks) -> bool:
+    """Whether every weight is finite, on every rank (one host read; a collective under
+    FSDP, where each rank holds a shard)."""
+    bad = torch.stack([(~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any()
+                       for p in wrapped.model.parameters()]).any().float()
+    if wrapped.sharded:
+        all_reduce_sum(bad, ranks)
+    return not bad.item()
 
 
 def generator_states(device: torch.device) -> dict:

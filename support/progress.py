@@ -80,6 +80,30 @@ class TrainingProgress:
             print(f"step {step + 1:,}/{self.training.total_steps:,} ({done:.1%}): "
                   + ", ".join(f"{name} {value}" for name, value in fields.items()), file=sys.stderr, flush=True)
 
+    def spikes(self, rows: list[dict]) -> None:
+        """Loss spikes (health.Health.take_spikes): a warning line and a metrics row each."""
+        for row in rows:
+            self.metrics.write_now(row)
+            self.write(f"warning: loss spike at step {row['step']:,}: {row['loss']:.4f}, over {row['factor']:g} "
+                       f"times the mean of the {self.training.config.loss_spike_window:,} steps before it "
+                       f"({row['mean_before']:.4f})")
+
+    def rolled_back(self, checkpoint, skipped: list, spike: int) -> int:
+        """After health's rollback to `checkpoint`: its line and metrics row, the bar and the
+        metrics counting from there; returns the step training goes on at."""
+        training = self.training
+        self.metrics.rolled_back(checkpoint.global_step)
+        if self.ranks.is_main:
+            self.metrics.write_now({"kind": "rollback", "step": spike, "checkpoint": checkpoint.name,
+                                    "skipped_steps": skipped, "rollbacks": training.rollbacks})
+            self.write(f"rollback {training.rollbacks} of {training.config.max_rollbacks} after the loss spike at "
+                       f"step {spike:,}: back to {checkpoint.name}, skipping the batches of steps "
+                       f"{skipped[0]:,} to {skipped[1]:,}")
+        next_step = training.next_step(checkpoint.global_step)
+        self.bar.n = next_step
+        self.last_refresh = time.monotonic()
+        return next_step
+
     def write(self, line: str) -> None:
         """A line above the bar (rank 0 only)."""
         if self.ranks.is_main:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from . import checkpointing, weights
 from .checkpointing import Checkpoint
 from .config import TrainConfig
-from .parallel import Ranks, WrappedModel
+from .optimizer import load_optimizer_state, resume_schedule
+from .parallel import Ranks, WrappedModel, load_full_model_state, restore_rng_states
 from .token_data import TokenBatches
 
 
@@ -33,6 +35,10 @@ class Training:
     best_loss: float = math.inf
     history: list = field(default_factory=list)   # a {global_step, train_loss, val_loss, is_best} per checkpoint
     best_key: str = "val_loss"    # the meta.json number `best` is the lowest of (checkpointing.best_loss_key)
+    health: object = None         # health.Health: non-finite steps and loss spikes
+    skipped_steps: list = field(default_factory=list)   # [first, last] step ranges a rollback skipped
+    rollbacks: int = 0            # how many times the run went back to a checkpoint before a loss spike
+    injected_loss: tuple | None = None  # a test's (steps, factor) for this rank's loss (health.LOSS_TIMES_VARIABLE)
     run_lock: object = None       # global rank 0's hold on the run directory (safe_files.lock_run)
     metrics: object = None        # metrics.MetricsLog on every rank of a real run; None in a preflight
     benchmarks: object = None     # benchmark_scores.InTrainingBenchmarks when train.json has benchmark_tasks
@@ -70,6 +76,67 @@ class Training:
         by checkpoint_interval (validation_interval), and at the last."""
         return step % self.config.checkpoint_interval == 0 or self.is_last(step)
 
+    def next_step(self, step: int) -> int:
+        """The step after `step`, past the ranges a rollback skipped (their batches are
+        never trained on: a step's batches are fixed by its number)."""
+        step += 1
+        for first, last in self.skipped_steps:
+            if first <= step <= last:
+                step = last + 1
+        return step
+
+
+def resume(training: Training, checkpoint: Checkpoint, say=print) -> None:
+    """Continue where `checkpoint` left off: optimizer, scaler and schedule states, the
+    step, the best loss and loss history, every rank's generator states, the rollbacks
+    and skipped steps (the weights are already loaded)."""
+    ranks, device = training.ranks, training.device
+    training.resumed_from = checkpoint
+    state = checkpointing.read_resume_state(checkpoint)
+    load_optimizer_state(training.model.model, training.optimizer, state.optimizer_state,
+                         checkpoint.path / checkpointing.OPTIMIZER_FILE, sharded=training.model.sharded)
+    if training.scaler.is_enabled() and state.scaler_state:
+        training.scaler.load_state_dict(state.scaler_state)
+    training.start_step = checkpoint.global_step + 1
+    if training.scheduler is not None:
+        resume_schedule(training.optimizer, training.scheduler, state.scheduler_state, training.start_step)
+    training.best_loss = checkpointing.best_loss(training.checkpoints_dir, training.best_key)
+    training.history = checkpointing.run_history(training.checkpoints_dir, resuming_from=checkpoint)
+    training.skipped_steps = [list(pair) for pair in checkpoint.meta.get("skipped_steps", [])]
+    training.rollbacks = checkpoint.meta.get("rollbacks", 0)
+    if state.rng_state is not None and state.rng_state.get("world_size") == ranks.world_size:
+        restore_rng_states(state.rng_state, ranks, device)
+    else:
+        # The original scripts saved no generator states: dropout masks from here on
+        # can't match an uninterrupted run, but stay distinct per rank and per resume.
+        torch.manual_seed(training.seed + ranks.rank + 1_000_003 * training.start_step)
+        if ranks.is_main:
+            say(f"note: {checkpoint.name} holds no random-number generator states for "
+                f"{ranks.world_size} rank(s); training goes on with freshly seeded ones")
+
+
+def roll_back(training: Training, spike_step: int) -> tuple[Checkpoint, list]:
+    """"on_loss_spike": "rollback": back to the newest checkpoint before spike_step, every
+    rank, skipping the batches of the spike's window (the loss_spike_window steps up to
+    the spike, those after the checkpoint), as PaLM's authors did. Returns the checkpoint
+    and the skipped range; training goes on at the checkpoint's next step."""
+    before = [c for c in checkpointing.list_checkpoints(training.checkpoints_dir) if c.global_step < spike_step]
+    checkpoint = before[-1]
+    skipped = [max(checkpoint.global_step + 1, spike_step - training.config.loss_spike_window + 1),
+               min(spike_step, training.total_steps - 2)]
+    state = weights.with_tied_names(weights.read_weights(checkpoint.path / weights.MODEL_FILE),
+                                    training.model_config, checkpoint.path / weights.MODEL_FILE)
+    for key, buffer in training.model.model.state_dict().items():   # the original's files may lack the masks
+        state.setdefault(key, buffer)
+    load_full_model_state(training.model, state)
+    rollbacks = training.rollbacks + 1
+    resume(training, checkpoint, say=lambda line: None)
+    training.rollbacks = rollbacks
+    if skipped[0] <= skipped[1]:
+        training.skipped_steps.append(skipped)
+    training.health.forget_the_window()
+    return checkpoint, skipped
+
 
 @dataclass
 class StepResult:
@@ -81,3 +148,7 @@ class StepResult:
     micro_losses: list                # each micro-step's loss (global rank 0's feed the later original's meta.json)
     routing: list = field(default_factory=list)   # per micro-step (router probabilities, top-k weights), each (layers, experts)
     balance_loss: torch.Tensor | None = None       # the load-balancing loss summed over the micro-steps, where trained
+    global_loss_sum: torch.Tensor | None = None    # loss_sum summed over the ranks: the same on every rank
+    mean_loss: torch.Tensor | None = None          # the step's mean loss over every rank and micro-step
+    nonfinite: torch.Tensor | None = None          # 1.0 where the loss or gradient norm was not finite (skipped)
+    nonfinite_what: torch.Tensor | None = None     # which: 1 the loss, 2 the gradient norm, 3 both

@@ -90,11 +90,11 @@ def start_script(script, *arguments, cwd=PROJECT_ROOT, env=None, **options):
                             cwd=cwd, env=environment(env), text=True, **options)
 
 
-def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None):
-    """ddp_train.py under a single-node torchrun with nproc processes, or as one plain
-    `python ddp_train.py` process when nproc is None."""
+def run_training(run_dir, datasets_dir, *arguments, nproc=2, env=None, torchrun_options=()):
+    """ddp_train.py under a single-node torchrun with nproc processes (and torchrun_options,
+    e.g. --max-restarts=2), or as one plain `python ddp_train.py` process when nproc is None."""
     if nproc:
-        command = torchrun_command(["--standalone", f"--nproc_per_node={nproc}"], run_dir,
+        command = torchrun_command(["--standalone", f"--nproc_per_node={nproc}", *torchrun_options], run_dir,
                                    datasets_dir, *arguments)
     else:
         return run_script(SCRIPT.name, run_dir, datasets_dir, *arguments, "--device", "cpu", env=env)
