@@ -16,7 +16,6 @@ import click
 
 from support import hf_export
 from support import safe_files
-from support import tokenizer
 from support.command_line import answer_usage_first
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,9 +57,9 @@ def export(model_config_path, model_safetensors_path, output_dir, repo_id, priva
     cfg, weights = hf_gpt2.read_exportable_checkpoint(model_config_path, model_safetensors_path,
                                                       moe_instead=MOE_INSTEAD)
     facts = hf_export.checkpoint_facts(model_safetensors_path, on_note=lambda note: click.echo(note, err=True))
-    if not hf_gpt2.has_gpt2_tokenizer(cfg):
-        click.echo(f"note: vocab_size {cfg['vocab_size']} is smaller than GPT-2's "
-                   f"{tokenizer.VOCAB_SIZE}, so no tokenizer files are written", err=True)
+    note = hf_export.missing_tokenizer_note(cfg, "written")
+    if note is not None:
+        click.echo(note, err=True)
 
     with safe_files.staged_output(output_dir) as staging:
         tied, _, parameters = hf_export.write_export(staging, cfg, weights, repo_id or output_dir.resolve().name,

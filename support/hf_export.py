@@ -159,6 +159,17 @@ def model_card(cfg, tied, dtype, parameters, name, facts, settings=None):
     return "\n".join(lines) + "\n"
 
 
+def missing_tokenizer_note(cfg, done="written"):
+    """The note for a model too small for GPT-2's tokenizer (no tokenizer files), or None."""
+    from . import hf_gpt2
+    from . import tokenizer
+
+    if hf_gpt2.has_gpt2_tokenizer(cfg):
+        return None
+    return (f"note: vocab_size {cfg['vocab_size']} is smaller than GPT-2's {tokenizer.VOCAB_SIZE}, "
+            f"so no tokenizer files are {done}")
+
+
 def write_export(directory, cfg, weights, name, facts=None, settings=None):
     """export_hf.py's files into an existing directory: the GPT2LMHeadModel with its
     config, generation config and tokenizer (hf_gpt2.write_transformers_model) and the
