@@ -23,7 +23,6 @@ import click
 from support import instruction_data
 from support import judge
 from support import safe_files
-from support import tokenizer
 from support.command_line import answer_usage_first
 
 EXAMPLES_SHOWN = 3
@@ -87,60 +86,32 @@ from tqdm import tqdm  # noqa: E402
 
 from support import instruction_tuning  # noqa: E402
 from support.weights import load_model  # noqa: E402
-from support.devices import autocast, choose_device_and_dtype  # noqa: E402
-from gpt import generate  # noqa: E402
+from support.devices import choose_device_and_dtype  # noqa: E402
 
 
 # --- fine-tuning ---
 
 def instruction_tune(model, train_records, validation_records, batch_size, learning_rate,
                      weight_decay, max_epochs, device, dtype_name):
-    """The seed's fine-tuning run, reported as it goes; returns a summary for the results file."""
-    def loader(records, shuffle):
-        return instruction_tuning.data_loader(records, batch_size, model.context_length, shuffle)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    best_epoch, epochs_run, history = instruction_tuning.fine_tune(
-        model, optimizer, loader(train_records, shuffle=True),
-        loader(validation_records, shuffle=False), device, dtype_name, max_epochs,
+    """The seed's fine-tuning run (its validation loss: the first 5 batches), reported as
+    it goes; returns a summary for the results file."""
+    best_epoch, epochs_run, history = instruction_tuning.tune_on_records(
+        model, train_records, validation_records, batch_size=batch_size, learning_rate=learning_rate,
+        weight_decay=weight_decay, max_epochs=max_epochs, device=device, dtype_name=dtype_name,
+        validation_batches=instruction_tuning.VALIDATION_BATCHES,
         on_epoch=lambda epoch, train_loss, val_loss: print(
             f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True),
         progress=lambda batches, epoch: tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False))
-    if best_epoch == 0:
-        print(f"Validation loss was {history[0][1]} after epoch 1: no better epoch to go back to")
-    elif best_epoch != epochs_run:
-        print(f"Validation loss rose at epoch {epochs_run}: restored the weights of epoch "
-              f"{best_epoch} (validation loss {history[best_epoch - 1][1]:.3f})")
-    else:
-        print(f"Stopped after --max-epochs {max_epochs} with the validation loss still falling")
-    return {"epochs_run": epochs_run, "best_epoch": best_epoch,
-            "history": [{"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss}
-                        for epoch, (train_loss, val_loss) in enumerate(history, 1)]}
+    print(instruction_tuning.outcome(best_epoch, epochs_run, history, max_epochs))
+    return instruction_tuning.summary(best_epoch, epochs_run, history)
 
 
 # --- answering the test instructions ---
 
 def generate_responses(model, prompts, max_new_tokens, batch_size, device, dtype_name):
-    """The model's greedy answer to each prompt, cleaned up as the seed does.
-
-    Prompts are batched by length (less left-padding); gpt.generate makes each answer
-    the same as decoding its prompt alone. Answers come back in prompt order.
-    """
-    model.eval()
-    encoded = [tokenizer.encode(prompt) for prompt in prompts]
-    by_length = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
-    responses = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="generating", unit="response") as progress:
-        for start in range(0, len(by_length), batch_size):
-            batch = by_length[start:start + batch_size]
-            with autocast(device, dtype_name):
-                new_tokens = generate(model, [encoded[index] for index in batch], max_new_tokens,
-                                      eos_id=tokenizer.END_OF_TEXT_ID)
-            for index, tokens in zip(batch, new_tokens, strict=True):
-                text = tokenizer.decode(encoded[index] + tokens)
-                responses[index] = instruction_data.extract_response(text, prompts[index])
-            progress.update(len(batch))
-    return responses
+        return instruction_tuning.generate_responses(model, prompts, max_new_tokens, batch_size, device,
+                                                     dtype_name, on_answered=progress.update)
 
 
 # --- the results file ---
