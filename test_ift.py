@@ -61,18 +61,7 @@ EXAMPLES_SHOWN = 3
 @click.option("--responses", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Judge the responses in this results file again: no fine-tuning or generation.")
 @click.option("--no-judge", is_flag=True, help="Stop after writing the responses to --results.")
-@click.option("--judge-model", default=judge.DEFAULT_MODEL, show_default=True,
-              help="Model that scores the responses.")
-@click.option("--judge-api", type=click.Choice(judge.APIS), default="responses", show_default=True,
-              help="OpenAI's Responses API, or Chat Completions (what Ollama, vLLM and llama.cpp "
-                   "serve).")
-@click.option("--judge-base-url", envvar="OPENAI_BASE_URL", show_envvar=True, default=None,
-              help="An OpenAI-compatible server, e.g. http://localhost:11434/v1 "
-                   "(default: api.openai.com).")
-@click.option("--judge-concurrency", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Judge requests in flight at once.")
-@click.option("--judge-max-retries", default=5, show_default=True, type=click.IntRange(min=0),
-              help="Retries of a request after a rate limit, server error or lost connection.")
+@judge.judge_options(judge.DEFAULT_MODEL)
 def main(**arguments):
     """Fine-tune on instructions, answer the held-out ones, and have an LLM judge score them."""
     instruction_test(**arguments)
@@ -151,11 +140,9 @@ def summarise(results):
 
 def check_judge(settings):
     """Fail now, not after fine-tuning, if the judge can't be reached or refuses the key."""
-    models = judge.check(settings)
-    if models is not None and settings.model not in models:
-        listed = ", ".join(models[:10]) + (", ..." if len(models) > 10 else "")
-        click.echo(f"Warning: the judge at {settings.where} doesn't list model "
-                   f"'{settings.model}' (it lists: {listed or 'nothing'})", err=True)
+    warning = judge.model_warning(settings)
+    if warning is not None:
+        click.echo(warning, err=True)
 
 
 def judge_records(settings, results, results_path):
@@ -240,7 +227,7 @@ def instruction_test(model_config_path, model_safetensors_path, data, data_url, 
                                  param_hint="--results")
     # Everything that can fail fast does, before the long work: the key first.
     settings = None if no_judge else judge.settings_from_environment(
-        judge_model, judge_api, judge_base_url, judge_concurrency, judge_max_retries)
+        judge_model, judge_api, judge_base_url, judge_concurrency, judge_max_retries, or_else="pass --no-judge")
 
     if responses:
         saved = read_results(responses)
