@@ -22,8 +22,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
                    "tokenizer.json")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "README.md",
                 *TOKENIZER_FILES)
-MOE_INSTEAD = ("share model.json and model.safetensors as they are (gpt.py runs them), and "
-               "score it with our own test_loss.py, test_smoke.py or test_ift.py")
 
 
 @click.command()
@@ -50,16 +48,10 @@ def export(model_config_path, model_safetensors_path, output_dir, repo_id, priva
         hf_export.check_repo_id(repo_id, "--push-to-hub")  # before the export, not after it
     output_dir = Path(output_dir)
     safe_files.refuse_to_overwrite(output_dir, EXPORT_FILES, overwrite)
-    # Only now, with the arguments known to be good: torch and transformers take seconds
-    # to import.
-    from support import hf_gpt2
-
-    cfg, weights = hf_gpt2.read_exportable_checkpoint(model_config_path, model_safetensors_path,
-                                                      moe_instead=MOE_INSTEAD)
-    facts = hf_export.checkpoint_facts(model_safetensors_path, on_note=lambda note: click.echo(note, err=True))
-    note = hf_export.missing_tokenizer_note(cfg, "written")
-    if note is not None:
-        click.echo(note, err=True)
+    # Only now, with the arguments known to be good, are torch and transformers imported
+    # (they take seconds).
+    cfg, weights, facts = hf_export.read_checkpoint(model_config_path, model_safetensors_path, "written",
+                                                    say=lambda note: click.echo(note, err=True))
 
     with safe_files.staged_output(output_dir) as staging:
         tied, _, parameters = hf_export.write_export(staging, cfg, weights, repo_id or output_dir.resolve().name,

@@ -47,24 +47,13 @@ def checked_name(context, parameter, name):
 @click.argument("model_safetensors_path", type=click.Path(dir_okay=False))
 @click.option("--dropout", type=click.Choice(["model", "on", "off"]), required=True,
               help="Dropout while fine-tuning: model.json's drop_rate, 0.1, or 0.")
-@click.option("--data", default="instruction-data.json", show_default=True,
-              type=click.Path(dir_okay=False),
-              help="JSON list of {instruction, input, output} records; downloaded from --data-url "
-                   "when the file doesn't exist.")
-@click.option("--data-url", default=instruction_data.DATA_URL, show_default=True,
-              help="Where to download --data from when it is missing.")
+@instruction_data.data_options
 @click.option("--results", default=None, type=click.Path(dir_okay=False),
               help=f"Where to write the results (default: NAME{RESULTS_SUFFIX} in this script's "
                    "directory, as the original writes them).")
 @click.option("--max-epochs", default=100, show_default=True, type=click.IntRange(min=0),
               help="Most epochs of fine-tuning (the original's 100); 0 skips fine-tuning.")
-@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Precision for fine-tuning and generation (autocast).")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Longest answer generated.")
-@click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Test prompts answered at once (the answers don't depend on it).")
+@instruction_data.generation_options
 def main(**arguments):
     """Fine-tune a checkpoint on instructions and write its answers to the held-out ones
     to NAME-ift-test-results.json, for ift_judge.py."""
@@ -112,17 +101,6 @@ def build_model(model_config_path, model_safetensors_path, dropout, device):
     return model.to(device), cfg["drop_rate"]
 
 
-def fine_tune(model, train_records, validation_records, max_epochs, device, dtype_name):
-    best_epoch, epochs_run, history = instruction_tuning.tune_on_records(
-        model, train_records, validation_records, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY, max_epochs=max_epochs, device=device, dtype_name=dtype_name,
-        validation_batches=instruction_tuning.ALL_BATCHES,
-        on_epoch=lambda epoch, train_loss, val_loss: print(
-            f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True),
-        progress=lambda batches, epoch: tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False))
-    print(instruction_tuning.outcome(best_epoch, epochs_run, history, max_epochs))
-
-
 def generate_test_responses(name, model_config_path, model_safetensors_path, dropout, data, data_url, results,
                             max_epochs, device, dtype, max_new_tokens, generation_batch_size):
     path = results_path(name, results)
@@ -130,22 +108,18 @@ def generate_test_responses(name, model_config_path, model_safetensors_path, dro
         device, dtype_name = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:
         raise click.UsageError(str(error)) from None
-    records = instruction_data.load_records(data, data_url)
-    train_records, test_records, validation_records = instruction_data.split_records(records)
-    if not test_records:
-        raise instruction_data.InstructionDataError(
-            f"{data}: {len(records)} records leave none for the test split (10%)")
-    if max_epochs and (len(train_records) < BATCH_SIZE or not validation_records):
-        raise instruction_data.InstructionDataError(
-            f"{data}: {len(records)} records split into {len(train_records)} for training and "
-            f"{len(validation_records)} for validation; fine-tuning needs at least one batch "
-            f"of {BATCH_SIZE} and one validation record (or pass --max-epochs 0)")
+    train_records, test_records, validation_records = instruction_data.load_splits(
+        data, data_url, BATCH_SIZE, fine_tuning=max_epochs != 0)
 
     model, drop_rate = build_model(model_config_path, model_safetensors_path, dropout, device)
-    print(f"{name}: fine-tuning on {len(train_records)} records (dropout {drop_rate}), validating on "
-          f"{len(validation_records)}, answering {len(test_records)}", flush=True)
     if max_epochs:
-        fine_tune(model, train_records, validation_records, max_epochs, device, dtype_name)
+        print(f"{name}: fine-tuning on {len(train_records)} records (dropout {drop_rate}), validating on "
+              f"{len(validation_records)}", flush=True)
+        instruction_tuning.tune_on_records(
+            model, train_records, validation_records, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
+            weight_decay=WEIGHT_DECAY, max_epochs=max_epochs, device=device, dtype_name=dtype_name,
+            validation_batches=instruction_tuning.ALL_BATCHES, say=lambda line: print(line, flush=True),
+            progress=lambda batches, epoch: tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False))
 
     prompts = [instruction_data.format_prompt(record) for record in test_records]
     with tqdm(total=len(prompts), desc="generating", unit="response") as progress:

@@ -31,12 +31,7 @@ EXAMPLES_SHOWN = 3
 @click.command()
 @click.argument("model_config_path", required=False, type=click.Path(dir_okay=False))
 @click.argument("model_safetensors_path", required=False, type=click.Path(dir_okay=False))
-@click.option("--data", default="instruction-data.json", show_default=True,
-              type=click.Path(dir_okay=False),
-              help="JSON list of {instruction, input, output} records; downloaded from --data-url "
-                   "when the file doesn't exist.")
-@click.option("--data-url", default=instruction_data.DATA_URL, show_default=True,
-              help="Where to download --data from when it is missing.")
+@instruction_data.data_options
 @click.option("--max-epochs", type=click.IntRange(min=0), default=None,
               help="Stop after this many epochs even if the validation loss still falls "
                    "(default: no limit, as the seed). 0 skips fine-tuning.")
@@ -48,13 +43,7 @@ EXAMPLES_SHOWN = 3
               help="AdamW weight decay.")
 @click.option("--seed", default=123, show_default=True, type=int,
               help="Seeds the shuffling of the training records and dropout.")
-@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Precision for fine-tuning and generation (autocast).")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Longest answer generated.")
-@click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Test prompts answered at once (the answers don't depend on it).")
+@instruction_data.generation_options
 @click.option("--results", default="ift-results.json", show_default=True,
               type=click.Path(dir_okay=False),
               help="JSON file for every test record: prompt, reference, response, score or error.")
@@ -87,11 +76,8 @@ def instruction_tune(model, train_records, validation_records, batch_size, learn
     best_epoch, epochs_run, history = instruction_tuning.tune_on_records(
         model, train_records, validation_records, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, max_epochs=max_epochs, device=device, dtype_name=dtype_name,
-        validation_batches=instruction_tuning.VALIDATION_BATCHES,
-        on_epoch=lambda epoch, train_loss, val_loss: print(
-            f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True),
+        validation_batches=instruction_tuning.VALIDATION_BATCHES, say=lambda line: print(line, flush=True),
         progress=lambda batches, epoch: tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False))
-    print(instruction_tuning.outcome(best_epoch, epochs_run, history, max_epochs))
     return instruction_tuning.summary(best_epoch, epochs_run, history)
 
 
@@ -242,17 +228,9 @@ def instruction_test(model_config_path, model_safetensors_path, data, data_url, 
         device, dtype = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:
         raise click.UsageError(str(error)) from None
-    records = instruction_data.load_records(data, data_url)
-    train_records, test_records, validation_records = instruction_data.split_records(records)
-    if not test_records:
-        raise instruction_data.InstructionDataError(
-            f"{data}: {len(records)} records leave none for the test split (10%)")
     fine_tuning = max_epochs != 0
-    if fine_tuning and (len(train_records) < batch_size or not validation_records):
-        raise instruction_data.InstructionDataError(
-            f"{data}: {len(records)} records split into {len(train_records)} for training and "
-            f"{len(validation_records)} for validation; fine-tuning needs at least one batch "
-            f"of {batch_size} and one validation record (or pass --max-epochs 0)")
+    train_records, test_records, validation_records = instruction_data.load_splits(
+        data, data_url, batch_size, fine_tuning)
     if settings is not None:
         check_judge(settings)
 

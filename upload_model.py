@@ -19,10 +19,6 @@ from support import hf_export
 from support.command_line import answer_usage_first
 from support.config import load_train_config
 
-MOE_INSTEAD = ("transformers can't load it from the Hub; share model.json and model.safetensors as "
-               "they are (gpt.py runs them), and score it with our own test_loss.py, test_smoke.py "
-               "or test_ift.py")
-
 
 @click.command()
 @click.argument("model_config_path", type=click.Path(dir_okay=False))
@@ -44,16 +40,10 @@ answer_usage_first(main)
 def upload(model_config_path, model_safetensors_path, train_config_path, hf_model_name, private):
     hf_export.check_repo_id(hf_model_name, "HF_MODEL_NAME")
     settings = hf_export.training_settings(load_train_config(train_config_path))
-    # Only now, with the arguments known to be good: torch and transformers take seconds
-    # to import.
-    from support import hf_gpt2
-    
-    cfg, weights = hf_gpt2.read_exportable_checkpoint(model_config_path, model_safetensors_path,
-                                                      moe_instead=MOE_INSTEAD)
-    facts = hf_export.checkpoint_facts(model_safetensors_path, on_note=lambda note: click.echo(note, err=True))
-    note = hf_export.missing_tokenizer_note(cfg, "pushed")
-    if note is not None:
-        click.echo(note, err=True)
+    # Only now, with the arguments known to be good, are torch and transformers imported
+    # (they take seconds).
+    cfg, weights, facts = hf_export.read_checkpoint(model_config_path, model_safetensors_path, "pushed",
+                                                    say=lambda note: click.echo(note, err=True))
 
     with tempfile.TemporaryDirectory(prefix="upload-model-") as directory:
         tied, _, parameters = hf_export.write_export(directory, cfg, weights, hf_model_name, facts, settings)

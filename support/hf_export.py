@@ -17,6 +17,10 @@ import click
 
 from .safe_files import first_line
 
+# What a mixture-of-experts checkpoint, which transformers can't express, is for instead.
+MOE_INSTEAD = ("share model.json and model.safetensors as they are (gpt.py runs them), and score it "
+               "with our own test_loss.py, test_smoke.py or test_ift.py")
+
 
 # --- model card ---
 
@@ -159,15 +163,20 @@ def model_card(cfg, tied, dtype, parameters, name, facts, settings=None):
     return "\n".join(lines) + "\n"
 
 
-def missing_tokenizer_note(cfg, done="written"):
-    """The note for a model too small for GPT-2's tokenizer (no tokenizer files), or None."""
+def read_checkpoint(model_config_path, weights_path, done, say):
+    """(model config, state dict, checkpoint facts) of a checkpoint to export, refused in
+    one line where transformers can't express it (hf_gpt2.read_exportable_checkpoint);
+    say(line) is told what the export will lack: the tokenizer files of a model smaller
+    than GPT-2's vocabulary (they are not `done`), the facts of an unreadable meta.json."""
     from . import hf_gpt2
     from . import tokenizer
 
-    if hf_gpt2.has_gpt2_tokenizer(cfg):
-        return None
-    return (f"note: vocab_size {cfg['vocab_size']} is smaller than GPT-2's {tokenizer.VOCAB_SIZE}, "
+    cfg, weights = hf_gpt2.read_exportable_checkpoint(model_config_path, weights_path, moe_instead=MOE_INSTEAD)
+    facts = checkpoint_facts(weights_path, on_note=say)
+    if not hf_gpt2.has_gpt2_tokenizer(cfg):
+        say(f"note: vocab_size {cfg['vocab_size']} is smaller than GPT-2's {tokenizer.VOCAB_SIZE}, "
             f"so no tokenizer files are {done}")
+    return cfg, weights, facts
 
 
 def write_export(directory, cfg, weights, name, facts=None, settings=None):

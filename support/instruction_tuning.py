@@ -108,17 +108,25 @@ def fine_tune(model, optimizer, train_loader, validation_loader, device, dtype_n
 
 
 def tune_on_records(model, train_records, validation_records, *, batch_size, learning_rate, weight_decay,
-                    max_epochs, device, dtype_name, validation_batches, on_epoch=None, progress=None):
+                    max_epochs, device, dtype_name, validation_batches, say=None, progress=None):
     """fine_tune with the original's loaders (training records shuffled, the last partial
     batch dropped; validation records in order, all batches) and AdamW over every
-    parameter. Returns what fine_tune returns."""
+    parameter. say(line), if given, is told each epoch's losses and how it ended.
+    Returns what fine_tune returns."""
     def loader(records, shuffle):
         return data_loader(records, batch_size, model.context_length, shuffle)
 
+    def on_epoch(epoch, train_loss, val_loss):
+        say(f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}")
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    return fine_tune(model, optimizer, loader(train_records, shuffle=True), loader(validation_records, shuffle=False),
-                     device, dtype_name, max_epochs, on_epoch=on_epoch, progress=progress,
-                     validation_batches=validation_batches)
+    best_epoch, epochs_run, history = fine_tune(
+        model, optimizer, loader(train_records, shuffle=True), loader(validation_records, shuffle=False),
+        device, dtype_name, max_epochs, on_epoch=on_epoch if say is not None else None, progress=progress,
+        validation_batches=validation_batches)
+    if say is not None:
+        say(outcome(best_epoch, epochs_run, history, max_epochs))
+    return best_epoch, epochs_run, history
 
 
 def outcome(best_epoch, epochs_run, history, max_epochs):

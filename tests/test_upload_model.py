@@ -130,5 +130,5 @@ def test_mistakes_are_one_line_and_nothing_reaches_the_hub(tmp_path):
     assert "Invalid value for HF_MODEL_NAME" in bad_name.stderr.splitlines()[-1]
     one_line_error(bad_train, f"{tmp_path / 'bad-train.json'}: key 'learning_rate' must be a number")
     one_line_error(moe, f"{tmp_path / 'moe' / 'model.json'}: key 'moe': a mixture-of-experts model has no "
-                        "transformers equivalent", "transformers can't load it from the Hub", "test_loss.py")
+                        "transformers equivalent", "share model.json and model.safetensors as they are", "test_loss.py")
     assert requests == [] and hub.repos == {}
