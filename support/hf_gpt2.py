@@ -234,6 +234,8 @@ def write_transformers_model(directory, cfg, weights):
     model.safetensors, config.json, generation_config.json, and GPT-2's tokenizer files
     when has_gpt2_tokenizer(cfg). Returns (tied, dtype, parameter count)."""
     directory = Path(directory)
+    # A tied model's state dict may name its matrix once (a file's, a gathered one's).
+    weights = with_tied_names(weights, cfg, "the weights to export")
     tensors, tied = to_transformers(weights, cfg)
     dtype = weights["tok_emb.weight"].dtype
     # transformers reads the "format" entry to know these are PyTorch tensors.
