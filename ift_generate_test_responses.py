@@ -89,8 +89,8 @@ def results_path(name, results):
 
 def build_model(model_config_path, model_safetensors_path, dropout, device):
     """The checkpoint as the original builds it, after seeding: GPTModel(config) first (its
-    initialisation draws from the seeded generator, so the shuffling and dropout that
-    follow are the original's), then the weights, then the device."""
+    initialisation draws from the seeded generator, so the epochs' shuffles that follow
+    are the original's), then the weights, then the device."""
     cfg = load_model_config(model_config_path)
     if dropout != "model":
         cfg["drop_rate"] = DROPOUT_RATES[dropout]

@@ -54,15 +54,20 @@ def checkpoint_facts(weights_path, on_note=None):
     return facts
 
 
+# train.json's lr_schedule as a model card says it; any other name is shown as it is.
+SCHEDULES = {"constant": "constant", "cosine": "cosine",
+             "original": "the original's warm-up, then cosine to a tenth (schedule_learning_rate)"}
+
+
 def training_settings(train_config):
     """The model card's training rows, [(label, value)], from a config.TrainConfig: the
-    settings the original's card shows that our train.json has."""
+    settings the original's card shows (whichever dialect of train.json gave them)."""
     return [
         ("dataset", train_config.dataset),
         ("micro-batch size (sequences per GPU per step)", train_config.minibatch_size),
         ("gradient clipping (max norm)", train_config.grad_clip if train_config.grad_clip is not None else "none"),
         ("learning rate (peak)", train_config.learning_rate),
-        ("learning-rate schedule", train_config.lr_schedule),
+        ("learning-rate schedule", SCHEDULES.get(train_config.lr_schedule, train_config.lr_schedule)),
         ("weight decay", train_config.weight_decay),
     ]
 
