@@ -7,7 +7,9 @@ safetensors only) or a local directory with config.json and model.safetensors or
 pytorch_model.bin, single-file or sharded: transformers' GPT2LMHeadModel.from_pretrained
 reads it. OUTPUT_DIR gets model.json and model.safetensors with the seed's names and mask
 buffers, so test_smoke.py, test_loss.py and test_ift.py run on it as on our own
-checkpoints -- the way to put GPT-2's own numbers beside a run's.
+checkpoints -- the way to put GPT-2's own numbers beside a run's. A tied GPT-2 (OpenAI's
+are) becomes a tied model of ours, "tie_weights": true, its one matrix saved once as our
+checkpoints save it; one with its own lm_head stays untied.
 """
 
 import json
@@ -61,6 +63,7 @@ def import_model(hf_model, output_dir, overwrite):
     from safetensors.torch import save_file
 
     from support import hf_gpt2
+    from support.weights import tensors_to_save
 
     # What didn't load is refused by name, in one line: transformers' own report of it
     # would only repeat that on stderr. Its progress bar goes too where nothing is
@@ -70,15 +73,19 @@ def import_model(hf_model, output_dir, overwrite):
         transformers.logging.disable_progress_bar()
     cfg, state_dict, tied, parameters = hf_gpt2.read_transformers_model(source, from_hub)
 
+    # A tied model's matrix once, under the name (and with the metadata) our checkpoints
+    # and the original's use.
+    tensors, aliases = tensors_to_save(state_dict, cfg)
     with safe_files.staged_output(output_dir) as staging:
-        save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt", **aliases})
         (staging / "model.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
     click.echo(
         f"wrote {output_dir / 'model.json'} and {output_dir / 'model.safetensors'}: "
         f"{cfg['n_layers']} layers, {cfg['emb_dim']} wide, context {cfg['context_length']}, "
-        f"{parameters:,} parameters ({'tied head copied into out_head' if tied else 'untied head'}, "
-        f"qkv_bias {str(cfg['qkv_bias']).lower()})"
+        f"{parameters:,} parameters ("
+        + ("tied output head: \"tie_weights\": true, the matrix saved once" if tied else "untied output head")
+        + f", qkv_bias {str(cfg['qkv_bias']).lower()})"
     )
 
 

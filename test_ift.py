@@ -23,7 +23,6 @@ import click
 from support import instruction_data
 from support import judge
 from support import safe_files
-from support import tokenizer
 from support.command_line import answer_usage_first
 
 EXAMPLES_SHOWN = 3
@@ -32,12 +31,7 @@ EXAMPLES_SHOWN = 3
 @click.command()
 @click.argument("model_config_path", required=False, type=click.Path(dir_okay=False))
 @click.argument("model_safetensors_path", required=False, type=click.Path(dir_okay=False))
-@click.option("--data", default="instruction-data.json", show_default=True,
-              type=click.Path(dir_okay=False),
-              help="JSON list of {instruction, input, output} records; downloaded from --data-url "
-                   "when the file doesn't exist.")
-@click.option("--data-url", default=instruction_data.DATA_URL, show_default=True,
-              help="Where to download --data from when it is missing.")
+@instruction_data.data_options
 @click.option("--max-epochs", type=click.IntRange(min=0), default=None,
               help="Stop after this many epochs even if the validation loss still falls "
                    "(default: no limit, as the seed). 0 skips fine-tuning.")
@@ -49,31 +43,14 @@ EXAMPLES_SHOWN = 3
               help="AdamW weight decay.")
 @click.option("--seed", default=123, show_default=True, type=int,
               help="Seeds the shuffling of the training records and dropout.")
-@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Precision for fine-tuning and generation (autocast).")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Longest answer generated.")
-@click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Test prompts answered at once (the answers don't depend on it).")
+@instruction_data.generation_options
 @click.option("--results", default="ift-results.json", show_default=True,
               type=click.Path(dir_okay=False),
               help="JSON file for every test record: prompt, reference, response, score or error.")
 @click.option("--responses", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Judge the responses in this results file again: no fine-tuning or generation.")
 @click.option("--no-judge", is_flag=True, help="Stop after writing the responses to --results.")
-@click.option("--judge-model", default=judge.DEFAULT_MODEL, show_default=True,
-              help="Model that scores the responses.")
-@click.option("--judge-api", type=click.Choice(judge.APIS), default="responses", show_default=True,
-              help="OpenAI's Responses API, or Chat Completions (what Ollama, vLLM and llama.cpp "
-                   "serve).")
-@click.option("--judge-base-url", envvar="OPENAI_BASE_URL", show_envvar=True, default=None,
-              help="An OpenAI-compatible server, e.g. http://localhost:11434/v1 "
-                   "(default: api.openai.com).")
-@click.option("--judge-concurrency", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Judge requests in flight at once.")
-@click.option("--judge-max-retries", default=5, show_default=True, type=click.IntRange(min=0),
-              help="Retries of a request after a rate limit, server error or lost connection.")
+@judge.judge_options(judge.DEFAULT_MODEL)
 def main(**arguments):
     """Fine-tune on instructions, answer the held-out ones, and have an LLM judge score them."""
     instruction_test(**arguments)
@@ -87,60 +64,29 @@ from tqdm import tqdm  # noqa: E402
 
 from support import instruction_tuning  # noqa: E402
 from support.weights import load_model  # noqa: E402
-from support.devices import autocast, choose_device_and_dtype  # noqa: E402
-from gpt import generate  # noqa: E402
+from support.devices import choose_device_and_dtype  # noqa: E402
 
 
 # --- fine-tuning ---
 
 def instruction_tune(model, train_records, validation_records, batch_size, learning_rate,
                      weight_decay, max_epochs, device, dtype_name):
-    """The seed's fine-tuning run, reported as it goes; returns a summary for the results file."""
-    def loader(records, shuffle):
-        return instruction_tuning.data_loader(records, batch_size, model.context_length, shuffle)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    best_epoch, epochs_run, history = instruction_tuning.fine_tune(
-        model, optimizer, loader(train_records, shuffle=True),
-        loader(validation_records, shuffle=False), device, dtype_name, max_epochs,
-        on_epoch=lambda epoch, train_loss, val_loss: print(
-            f"Epoch {epoch}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}", flush=True),
+    """The seed's fine-tuning run (its validation loss: the first 5 batches), reported as
+    it goes; returns a summary for the results file."""
+    best_epoch, epochs_run, history = instruction_tuning.tune_on_records(
+        model, train_records, validation_records, batch_size=batch_size, learning_rate=learning_rate,
+        weight_decay=weight_decay, max_epochs=max_epochs, device=device, dtype_name=dtype_name,
+        validation_batches=instruction_tuning.VALIDATION_BATCHES, say=lambda line: print(line, flush=True),
         progress=lambda batches, epoch: tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False))
-    if best_epoch == 0:
-        print(f"Validation loss was {history[0][1]} after epoch 1: no better epoch to go back to")
-    elif best_epoch != epochs_run:
-        print(f"Validation loss rose at epoch {epochs_run}: restored the weights of epoch "
-              f"{best_epoch} (validation loss {history[best_epoch - 1][1]:.3f})")
-    else:
-        print(f"Stopped after --max-epochs {max_epochs} with the validation loss still falling")
-    return {"epochs_run": epochs_run, "best_epoch": best_epoch,
-            "history": [{"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss}
-                        for epoch, (train_loss, val_loss) in enumerate(history, 1)]}
+    return instruction_tuning.summary(best_epoch, epochs_run, history)
 
 
 # --- answering the test instructions ---
 
 def generate_responses(model, prompts, max_new_tokens, batch_size, device, dtype_name):
-    """The model's greedy answer to each prompt, cleaned up as the seed does.
-
-    Prompts are batched by length (less left-padding); gpt.generate makes each answer
-    the same as decoding its prompt alone. Answers come back in prompt order.
-    """
-    model.eval()
-    encoded = [tokenizer.encode(prompt) for prompt in prompts]
-    by_length = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
-    responses = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="generating", unit="response") as progress:
-        for start in range(0, len(by_length), batch_size):
-            batch = by_length[start:start + batch_size]
-            with autocast(device, dtype_name):
-                new_tokens = generate(model, [encoded[index] for index in batch], max_new_tokens,
-                                      eos_id=tokenizer.END_OF_TEXT_ID)
-            for index, tokens in zip(batch, new_tokens, strict=True):
-                text = tokenizer.decode(encoded[index] + tokens)
-                responses[index] = instruction_data.extract_response(text, prompts[index])
-            progress.update(len(batch))
-    return responses
+        return instruction_tuning.generate_responses(model, prompts, max_new_tokens, batch_size, device,
+                                                     dtype_name, on_answered=progress.update)
 
 
 # --- the results file ---
@@ -180,11 +126,9 @@ def summarise(results):
 
 def check_judge(settings):
     """Fail now, not after fine-tuning, if the judge can't be reached or refuses the key."""
-    models = judge.check(settings)
-    if models is not None and settings.model not in models:
-        listed = ", ".join(models[:10]) + (", ..." if len(models) > 10 else "")
-        click.echo(f"Warning: the judge at {settings.where} doesn't list model "
-                   f"'{settings.model}' (it lists: {listed or 'nothing'})", err=True)
+    warning = judge.model_warning(settings)
+    if warning is not None:
+        click.echo(warning, err=True)
 
 
 def judge_records(settings, results, results_path):
@@ -269,7 +213,7 @@ def instruction_test(model_config_path, model_safetensors_path, data, data_url, 
                                  param_hint="--results")
     # Everything that can fail fast does, before the long work: the key first.
     settings = None if no_judge else judge.settings_from_environment(
-        judge_model, judge_api, judge_base_url, judge_concurrency, judge_max_retries)
+        judge_model, judge_api, judge_base_url, judge_concurrency, judge_max_retries, or_else="pass --no-judge")
 
     if responses:
         saved = read_results(responses)
@@ -284,17 +228,9 @@ def instruction_test(model_config_path, model_safetensors_path, data, data_url, 
         device, dtype = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:
         raise click.UsageError(str(error)) from None
-    records = instruction_data.load_records(data, data_url)
-    train_records, test_records, validation_records = instruction_data.split_records(records)
-    if not test_records:
-        raise instruction_data.InstructionDataError(
-            f"{data}: {len(records)} records leave none for the test split (10%)")
     fine_tuning = max_epochs != 0
-    if fine_tuning and (len(train_records) < batch_size or not validation_records):
-        raise instruction_data.InstructionDataError(
-            f"{data}: {len(records)} records split into {len(train_records)} for training and "
-            f"{len(validation_records)} for validation; fine-tuning needs at least one batch "
-            f"of {batch_size} and one validation record (or pass --max-epochs 0)")
+    train_records, test_records, validation_records = instruction_data.load_splits(
+        data, data_url, batch_size, fine_tuning)
     if settings is not None:
         check_judge(settings)
 

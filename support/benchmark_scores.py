@@ -350,9 +350,18 @@ class InTrainingBenchmarks:
 
     def load(self) -> None:
         """Global rank 0: find and load the tasks, or raise BenchmarkError naming
-        train.json's key."""
+        train.json's key (a mixture-of-experts model first, before lm-eval is imported)."""
+        from . import hf_gpt2
+
         train_json = self.run_dir / "train.json"
         option = f"{train_json}: key 'benchmark_tasks'"
+        # lm-eval scores a transformers GPT-2, which has no mixture of experts.
+        refusal = hf_gpt2.mixture_of_experts_refusal(
+            self.model_config, self.run_dir / "model.json", context=f"{option} is set, but ",
+            instead="leave benchmark_tasks out: the run's validation loss scores it, and afterwards "
+                    "test_loss.py, test_smoke.py or test_ift.py")
+        if refusal is not None:
+            raise BenchmarkError(refusal)
         refuse_without_gpt2_tokenizer(self.model_config, self.run_dir / "model.json", context=f"{option} is set, but ")
         include_dirs = []
         if self.include_path is not None:

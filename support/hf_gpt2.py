@@ -6,7 +6,13 @@ Our GPTModel *is* GPT-2 (learned positions, pre-norm blocks, tanh GELU, LayerNor
     of nn.Linear's (out, in);
   - its attention has one fused `c_attn` projection for Q, K and V (we have three, with
     no bias when qkv_bias is false: GPT-2 then gets a zero bias, which adds nothing);
-  - GPT-2 ties its output head to the token embedding; ours is a separate `out_head`.
+  - GPT-2 ties its output head to the token embedding (transformers then has no
+    `lm_head.weight` in the file); ours ties it with model.json's "tie_weights", or
+    keeps a separate `out_head`.
+
+A mixture-of-experts model ("moe") has no transformers equivalent at all: GPT-2 there has
+one feed-forward layer per block, so such a checkpoint is refused by name before any
+work (refuse_mixture_of_experts).
 
 transformers itself reads and writes its side: GPT2LMHeadModel.from_pretrained loads a
 Hub id or a directory (and checks every tensor against config.json), GPT2Config,
@@ -28,17 +34,20 @@ import torch
 from safetensors.torch import save_file
 
 
-from .weights import check_state_dict, check_weights_config, model_shapes, read_weights
+from .weights import check_state_dict, check_weights_config, model_shapes, read_weights, with_tied_names
 from . import tokenizer
 from .config import read_json_object, validate_model_config
 from .safe_files import first_line
 from gpt import GPTModel
 
 GPT2_MODEL_TYPE = "gpt2"
-# The model.json keys that have a GPT-2 equivalent; a checkpoint with any other key
-# (a future architecture option) can't be written as a plain GPT2LMHeadModel.
+# The model.json keys that have a GPT-2 equivalent ("tie_weights" is its
+# tie_word_embeddings); a checkpoint with any other key (a future architecture option)
+# can't be written as a plain GPT2LMHeadModel.
 GPT2_EXPRESSIBLE_KEYS = ("vocab_size", "emb_dim", "context_length", "n_heads", "n_layers",
-                         "drop_rate", "qkv_bias")
+                         "drop_rate", "qkv_bias", "tie_weights")
+# What scores a mixture-of-experts checkpoint instead of anything built on transformers.
+OUR_OWN_SCORING = "score it with our own test_loss.py, test_smoke.py or test_ift.py instead"
 # transformers' names for GPT-2's tanh-approximated GELU (the same function, ours too).
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
@@ -98,10 +107,12 @@ def heads_are_tied(state_dict):
 
 
 def to_transformers(state_dict, cfg):
-    """Our (checked) state dict -> GPT2LMHeadModel's. Returns (tensors, tied).
+    """Our (checked) state dict, both names of a tied matrix present -> GPT2LMHeadModel's.
+    Returns (tensors, tied).
 
-    The head is written as `lm_head.weight` unless it equals the token embedding, in
-    which case the model is saved tied, as GPT-2 is (transformers then rebuilds it).
+    A tied model ("tie_weights"), or an untied one whose head happens to equal the token
+    embedding, is saved tied, as GPT-2 is: no `lm_head.weight` (transformers ties it to
+    `wte` on loading). Any other head is written as `lm_head.weight`.
     """
     tensors = {}
     for ours, theirs, transpose in _paired_names(cfg["n_layers"]):
@@ -114,7 +125,7 @@ def to_transformers(state_dict, cfg):
         else:
             weight = state_dict[qkv[0] + "weight"]
             tensors[c_attn + "bias"] = weight.new_zeros(3 * cfg["emb_dim"])
-    tied = heads_are_tied(state_dict)
+    tied = bool(cfg.get("tie_weights")) or heads_are_tied(state_dict)
     if not tied:
         tensors["lm_head.weight"] = state_dict["out_head.weight"]
     return tensors, tied
@@ -125,7 +136,9 @@ def from_transformers(tensors, cfg, tied):
 
     `cfg` is our model config derived from the checkpoint's config.json. qkv_bias comes
     out false when every Q/K/V bias is exactly zero (dropping them changes no number);
-    the state dict carries the seed's mask buffers.
+    the state dict carries the seed's mask buffers. A tied GPT-2 becomes a tied model of
+    ours ("tie_weights": true), its out_head.weight the very tensor of tok_emb.weight
+    (weights.tensors_to_save then writes it once); an untied one keeps its own head.
     """
     cfg = dict(cfg, qkv_bias=any(
         bool(tensors[f"transformer.h.{i}.attn.c_attn.bias"].any()) for i in range(cfg["n_layers"])
@@ -143,15 +156,12 @@ def from_transformers(tensors, cfg, tied):
             if cfg["qkv_bias"]:
                 state_dict[name + "bias"] = bias.clone()
         state_dict[f"trf_blocks.{i}.att.mask"] = causal_mask(cfg["context_length"])
-    state_dict["out_head.weight"] = _our_head(tensors, tied)
+    if tied:
+        cfg["tie_weights"] = True
+        state_dict["out_head.weight"] = state_dict["tok_emb.weight"]
+    else:
+        state_dict["out_head.weight"] = tensors["lm_head.weight"]
     return cfg, state_dict
-
-
-def _our_head(tensors, tied):
-    """Our out_head.weight. GPTModel has no tied head, so a tied GPT-2's embedding is
-    copied: a matrix of its own, not a second name for the same storage. (Once our model
-    can tie its head, this and the model config written with it are what change.)"""
-    return (tensors["transformer.wte.weight"] if tied else tensors["lm_head.weight"]).clone()
 
 
 def our_shapes(cfg):
@@ -173,16 +183,35 @@ def check_our_tensors(state_dict, cfg, path):
 
 # --- a checkpoint in, a transformers directory out ---
 
-def read_exportable_checkpoint(model_config_path, weights_path):
-    """(model config, state dict) of a checkpoint that can be written as a GPT2LMHeadModel.
+def mixture_of_experts_refusal(cfg, model_config_path, instead=OUR_OWN_SCORING, context=""):
+    """The line (context, if given, first) that refuses a model.json with "moe" wherever
+    transformers' GPT-2 is needed (export, upload, lm-eval), or None for any other model."""
+    if cfg.get("moe") is None:
+        return None
+    return (f"{context}{model_config_path}: key 'moe': a mixture-of-experts model has no transformers "
+            f"equivalent (its GPT-2 has one feed-forward layer per block); {instead}")
 
-    Refused with one line naming the file and key or tensor: a model.json key with no
-    GPT-2 equivalent, weights written for another model.json, a missing or mis-shaped
-    tensor.
+
+def refuse_mixture_of_experts(cfg, model_config_path, instead=OUR_OWN_SCORING):
+    refusal = mixture_of_experts_refusal(cfg, model_config_path, instead)
+    if refusal is not None:
+        raise HFFormatError(refusal)
+
+
+def read_exportable_checkpoint(model_config_path, weights_path, moe_instead=OUR_OWN_SCORING):
+    """(model config, state dict) of a checkpoint that can be written as a GPT2LMHeadModel;
+    a tied one's state dict has both names of its matrix, whether the file is ours or the
+    original's (each holds it once, as out_head.weight).
+
+    Refused with one line naming the file and key or tensor, model.json's before any
+    weights are read: a mixture of experts (the line ends with moe_instead: what to do
+    instead), a model.json key with no GPT-2 equivalent, weights written for another
+    model.json, a missing or mis-shaped tensor.
     """
     raw = read_json_object(model_config_path)
     cfg = validate_model_config(raw, model_config_path)
-    for key in raw:
+    refuse_mixture_of_experts(cfg, model_config_path, moe_instead)
+    for key in cfg:
         if key not in GPT2_EXPRESSIBLE_KEYS:
             raise HFFormatError(
                 f"{model_config_path}: key '{key}' has no GPT-2 equivalent, so this model can't be "
@@ -190,7 +219,7 @@ def read_exportable_checkpoint(model_config_path, weights_path):
             )
     # Weights that record their model config are refused by another model.json.
     check_weights_config(weights_path, cfg, model_config_path)
-    weights = read_weights(weights_path)
+    weights = with_tied_names(read_weights(weights_path), cfg, weights_path)
     check_our_tensors(weights, cfg, weights_path)
     return cfg, weights
 
@@ -205,6 +234,8 @@ def write_transformers_model(directory, cfg, weights):
     model.safetensors, config.json, generation_config.json, and GPT-2's tokenizer files
     when has_gpt2_tokenizer(cfg). Returns (tied, dtype, parameter count)."""
     directory = Path(directory)
+    # A tied model's state dict may name its matrix once (a file's, a gathered one's).
+    weights = with_tied_names(weights, cfg, "the weights to export")
     tensors, tied = to_transformers(weights, cfg)
     dtype = weights["tok_emb.weight"].dtype
     # transformers reads the "format" entry to know these are PyTorch tensors.

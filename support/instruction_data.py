@@ -26,6 +26,42 @@ class InstructionDataError(click.ClickException):
     """A missing, unreadable or malformed instruction data file; printed as one line, exit 1."""
 
 
+# --- the command-line options every script that fine-tunes and answers takes alike ---
+
+def _options(*options):
+    def decorate(command):
+        for option in reversed(options):  # listed in --help in this order
+            command = option(command)
+        return command
+    return decorate
+
+
+def data_options(command):
+    """--data and --data-url (the function then takes data, data_url)."""
+    return _options(
+        click.option("--data", default="instruction-data.json", show_default=True,
+                     type=click.Path(dir_okay=False),
+                     help="JSON list of {instruction, input, output} records; downloaded from --data-url "
+                          "when the file doesn't exist."),
+        click.option("--data-url", default=DATA_URL, show_default=True,
+                     help="Where to download --data from when it is missing."),
+    )(command)
+
+
+def generation_options(command):
+    """--device, --dtype, --max-new-tokens, --generation-batch-size (the function then takes
+    device, dtype, max_new_tokens, generation_batch_size)."""
+    return _options(
+        click.option("--device", default=None, help="cuda, mps or cpu (default: the best available)."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="Precision for fine-tuning and generation (autocast)."),
+        click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Longest answer generated."),
+        click.option("--generation-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="Test prompts answered at once (the answers don't depend on it)."),
+    )(command)
+
+
 # --- the records ---
 
 def download(url, path, timeout=60):
@@ -91,6 +127,22 @@ def parse_records(payload: bytes, source) -> list[dict]:
                     f"got {json.dumps(record[key])}"
                 )
     return records
+
+
+def load_splits(path, url, batch_size, fine_tuning=True):
+    """(train, test, validation) records of the data file (downloaded from url when
+    missing), refused in one line where the split leaves no test record or, for
+    fine-tuning, not one training batch of batch_size or no validation record."""
+    records = load_records(path, url)
+    train, test, validation = split_records(records)
+    if not test:
+        raise InstructionDataError(f"{path}: {len(records)} records leave none for the test split (10%)")
+    if fine_tuning and (len(train) < batch_size or not validation):
+        raise InstructionDataError(
+            f"{path}: {len(records)} records split into {len(train)} for training and "
+            f"{len(validation)} for validation; fine-tuning needs at least one batch "
+            f"of {batch_size} and one validation record (or pass --max-epochs 0)")
+    return train, test, validation
 
 
 def split_records(records):

@@ -309,6 +309,9 @@ BAD_BENCHMARKS = {
     "no include directory": ({"benchmark_include_path": "nowhere"}, MODEL,
                              "key 'benchmark_include_path' \"nowhere\""),
     "vocabulary too small": ({}, {**MODEL, "vocab_size": 64}, "model.json: vocab_size 64 is smaller than GPT-2's 50257"),
+    "mixture of experts": ({}, {**MODEL, "moe": {"num_experts": 4, "num_active_experts": 2}},
+                           "key 'benchmark_tasks' is set, but {run_dir}/model.json: key 'moe': a "
+                           "mixture-of-experts model has no transformers equivalent"),
 }
 
 
@@ -321,6 +324,7 @@ def test_bad_benchmark_settings_are_one_line_and_write_nothing(case, tmp_path, d
     result = run_training(run_dir, datasets_dir, nproc=None)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
+    message = message.format(run_dir=run_dir)
     assert len(lines) == 1 and lines[0].startswith(f"Error: {run_dir / 'train.json'}: ") and message in lines[0], \
         result.stderr
     if case == "no include directory":

@@ -21,10 +21,11 @@ HEAVY_MODULES = ("torch", "numpy", "pyarrow", "pandas", "datasets", "matplotlib"
 DDP_TRAIN = "ddp_train.py"
 SCRIPTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "test_ift.py", "export_hf.py", "import_hf.py",
            "prepare_datasets.py", "download-fineweb-10b.py", "make_sample_corpus.py", "chart.py",
-           "test_benchmarks.py"]
+           "test_benchmarks.py", "ift_generate_test_responses.py", "ift_judge.py", "upload_model.py"]
 # The scripts with an argument that must be given.
 SCRIPTS_WITH_ARGUMENTS = [DDP_TRAIN, "test_smoke.py", "test_loss.py", "export_hf.py",
-                          "import_hf.py", "prepare_datasets.py", "chart.py", "test_benchmarks.py"]
+                          "import_hf.py", "prepare_datasets.py", "chart.py", "test_benchmarks.py",
+                          "ift_generate_test_responses.py", "upload_model.py"]
 
 
 def run_with_import_log(*command, cwd=PROJECT_ROOT):

@@ -22,11 +22,13 @@ import shutil
 import click
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
 
 from support import hf_gpt2
 from support import safe_files
 from support import tokenizer
+from support import weights as weight_files
 from support.weights import load_model
 from gpt import GPTModel, generate
 import transformers  # the dev dependency group
@@ -90,19 +92,38 @@ def perturbed(model, seed):
     return model.eval()
 
 
-def save_ours(directory, cfg, model):
+def save_ours(directory, cfg, model, writer="plain"):
+    """model.json and model.safetensors (with the mask buffers): as our checkpoints write
+    them ("ours": a tied matrix once, the model config in the metadata), as the original
+    writes them ("original": safetensors' save_model, which keeps a tied matrix's
+    alphabetically first name, out_head.weight, with the alias in the metadata), or as
+    the original's first version did ("plain": save_file, no metadata)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "model.json").write_text(json.dumps(cfg))
-    save_file(model.state_dict(), directory / "model.safetensors")  # with the mask buffers
-    return directory / "model.json", directory / "model.safetensors"
+    path = directory / "model.safetensors"
+    if writer == "ours":
+        tensors, aliases = weight_files.tensors_to_save(model.state_dict(), cfg)
+        save_file(tensors, path, metadata={"format": "pt", weight_files.CONFIG_METADATA_KEY: json.dumps(cfg),
+                                           **aliases})
+    elif writer == "original":
+        save_model(model, str(path))
+    else:
+        save_file(model.state_dict(), path)
+    return directory / "model.json", path
 
 
-def our_model(cfg, seed, tied=False):
+def our_model(cfg, seed, equal_heads=False):
+    """A GPTModel with random weights; equal_heads: untied, its head a copy of the embedding."""
     model = perturbed(GPTModel(cfg), seed)
-    if tied:
+    if equal_heads:
         with torch.no_grad():
             model.out_head.weight.copy_(model.tok_emb.weight)
     return model
+
+
+def file_metadata(path):
+    with safe_open(str(path), framework="pt") as file:
+        return file.metadata() or {}
 
 
 def transformers_gpt2(seed, tied, vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4):
@@ -138,11 +159,22 @@ def max_logit_difference(ours, theirs, vocab_size, context_length, seed=0):
 
 # --- export, then import back ---
 
-@pytest.mark.parametrize("qkv_bias, tied", [(False, False), (True, False), (False, True)])
-def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias, tied):
-    cfg = dict(TINY, qkv_bias=qkv_bias)
-    ours = our_model(cfg, seed=1, tied=tied)
-    config_path, weights_path = save_ours(tmp_path / "ours", cfg, ours)
+# (qkv_bias, model.json's tie_weights, an untied head equal to the embedding, who wrote the file)
+LAYOUTS = {"untied": (False, False, False, "plain"), "untied, Q/K/V bias": (True, False, False, "ours"),
+           "untied, head equal to the embedding": (False, False, True, "plain"),
+           "tied, ours": (False, True, False, "ours"), "tied, Q/K/V bias, the original's": (True, True, False, "original")}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, layout):
+    qkv_bias, tie_weights, equal_heads, writer = LAYOUTS[layout]
+    cfg = dict(TINY, qkv_bias=qkv_bias, **({"tie_weights": True} if tie_weights else {}))
+    ours = our_model(cfg, seed=1, equal_heads=equal_heads)
+    config_path, weights_path = save_ours(tmp_path / "ours", cfg, ours, writer)
+    if tie_weights:  # the file holds the matrix once, as out_head.weight
+        assert "tok_emb.weight" not in load_file(weights_path)
+        assert file_metadata(weights_path)["tok_emb.weight"] == "out_head.weight"
+    tied = tie_weights or equal_heads
 
     exported_tied, _, exported_parameters = export(config_path, weights_path, tmp_path / "export")
     assert exported_tied is tied
@@ -156,8 +188,10 @@ def test_export_gives_our_logits_and_imports_back_bit_for_bit(tmp_path, qkv_bias
 
     back_cfg, back, back_tied, parameters = import_local(tmp_path / "export")
     assert parameters == exported_parameters  # a tied head counted once
-    assert back_tied is tied and back_cfg == cfg
-    original = load_file(weights_path)
+    # Whatever tied GPT-2 comes in is a tied model of ours: one matrix under both names.
+    assert back_tied is tied and back_cfg == dict(cfg, **({"tie_weights": True} if tied else {}))
+    assert (back["out_head.weight"] is back["tok_emb.weight"]) is tied
+    original = ours.state_dict()
     assert sorted(back) == sorted(original)  # the mask buffers included
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
@@ -167,8 +201,9 @@ def test_the_export_script_replaces_an_earlier_export_with_overwrite(tmp_path):
     """export_hf.py as users run it, over an earlier export: its files and closing line,
     the tied head counted once. (import_hf.py runs as users run it from the Hub below; a
     local directory in the refusals, where a word of transformers' on stderr would show.)"""
-    ours = our_model(TINY, seed=1, tied=True)
-    config_path, weights_path = save_ours(tmp_path / "ours", TINY, ours)
+    cfg = dict(TINY, tie_weights=True)
+    ours = our_model(cfg, seed=1)
+    config_path, weights_path = save_ours(tmp_path / "ours", cfg, ours, "ours")  # without tok_emb.weight
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "config.json").write_text("an earlier export's")
 
@@ -176,6 +211,8 @@ def test_the_export_script_replaces_an_earlier_export_with_overwrite(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "GPT2LMHeadModel" in result.stdout and "tied output head" in result.stdout
     exported = load_exported(tmp_path / "export")
+    assert exported.config.tie_word_embeddings is True
+    assert "lm_head.weight" not in load_file(tmp_path / "export" / "model.safetensors")
     assert max_logit_difference(ours, exported, TINY["vocab_size"], TINY["context_length"]) < 1e-4
     assert printed_parameters(result.stdout) == exported.num_parameters()
     assert (tmp_path / "export" / "README.md").read_text().startswith("---\nlicense: apache-2.0\n")
@@ -229,12 +266,15 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
     cfg, state_dict, imported_tied, imported_parameters = import_local(source)
     assert imported_tied is tied
     assert imported_parameters == theirs.num_parameters()  # a tied head counted once
-    assert cfg == dict(TINY, drop_rate=0.1, qkv_bias=True)
+    assert cfg == dict(TINY, drop_rate=0.1, qkv_bias=True, **({"tie_weights": True} if tied else {}))
     config_path, weights_path = tmp_path / "ours" / "model.json", tmp_path / "ours" / "model.safetensors"
     config_path.parent.mkdir()
     config_path.write_text(json.dumps(cfg))  # as import_hf.py writes them
-    save_file(state_dict, weights_path, metadata={"format": "pt"})
+    tensors, aliases = weight_files.tensors_to_save(state_dict, cfg)
+    save_file(tensors, weights_path, metadata={"format": "pt", **aliases})
+    assert ("tok_emb.weight" in tensors) is not tied  # a tied matrix once, as checkpoints hold it
     ours = load_model(config_path, weights_path)  # strict
+    assert (ours.out_head.weight is ours.tok_emb.weight) is tied
     assert max_logit_difference(ours, theirs, cfg["vocab_size"], cfg["context_length"]) < 1e-4
     for i in range(cfg["n_layers"]):  # the seed's buffers, as the original scripts save them
         assert torch.equal(state_dict[f"trf_blocks.{i}.att.mask"], torch.triu(torch.ones(16, 16), diagonal=1))
@@ -252,10 +292,11 @@ def test_import_gives_transformers_logits_and_exports_back_bit_for_bit(tmp_path,
 def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_path):
     """OpenAI's GPT-2 as the Hub serves it -- bare GPT2Model names with the old mask
     buffers, a tied head, pickles beside the safetensors -- imported by import_hf.py from
-    the stand-in Hub (tests/servers/hub.py); test_smoke.py, unchanged, then continues the
-    prompt exactly as transformers does with the same weights. Offline, the import comes
-    from the Hub cache. A repo with only a pickle, and one that doesn't exist, are one line
-    each."""
+    the stand-in Hub (tests/servers/hub.py) as the tied model it is; test_smoke.py,
+    unchanged, then continues the prompt exactly as transformers does with the same
+    weights, test_loss.py gives transformers' loss, and the import exports back to the
+    Hub's tensors bit for bit. Offline, the import comes from the Hub cache. A repo with
+    only a pickle, and one that doesn't exist, are one line each."""
     theirs = transformers_gpt2(seed=3, tied=True, vocab_size=50257, n_positions=32, n_embd=16,
                                n_layer=1, n_head=2)
     repo = tmp_path / "hub" / "models" / "openai-community" / "gpt2"
@@ -280,8 +321,13 @@ def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_pat
     assert hub.downloads_of("model.safetensors") == 1
     assert hub.downloads_of("pytorch_model.bin") == hub.downloads_of("README.md") == 0
     assert printed_parameters(result.stdout) == theirs.num_parameters()  # the tied head once
-    assert "tied head copied into out_head" in result.stdout
-    assert json.loads((tmp_path / "gpt2" / "model.json").read_text())["qkv_bias"] is True
+    assert 'tied output head: "tie_weights": true, the matrix saved once' in result.stdout
+    imported_config = json.loads((tmp_path / "gpt2" / "model.json").read_text())
+    assert imported_config["qkv_bias"] is True and imported_config["tie_weights"] is True
+    # The matrix once, as our checkpoints and the original's hold a tied model's.
+    assert "tok_emb.weight" not in online and torch.equal(online["out_head.weight"],
+                                                          theirs.state_dict()["transformer.wte.weight"])
+    assert file_metadata(tmp_path / "gpt2" / "model.safetensors")["tok_emb.weight"] == "out_head.weight"
     assert_refused(pickled, 1, "someone/pickled: no model.safetensors on the Hugging Face Hub",
                    "only safetensors weights are taken from the Hub")
     assert not (tmp_path / "pickled").exists()
@@ -301,6 +347,29 @@ def test_import_from_the_hub_then_test_smoke_continues_like_transformers(tmp_pat
             tokens.append(theirs(torch.tensor([tokens])).logits[0, -1].argmax().item())
     prompt, continuation = smoke.stdout.removesuffix("\n").split(f"\n{SMOKE_SEPARATOR}\n")
     assert prompt + continuation == tokenizer.decode(tokens)
+
+    tokens = torch.randint(0, 50257, (2 * 2 * 32 + 1,), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "data").mkdir()
+    save_file({"tokens": tokens.to(torch.int32)}, tmp_path / "data" / "validation.safetensors")
+    loss = run_script("test_loss.py", tmp_path, tmp_path / "gpt2" / "model.json",
+                      tmp_path / "gpt2" / "model.safetensors", "--dataset", tmp_path / "data",
+                      "--start-token", 0, "--batches", 2, "--batch-size", 2, "--device", "cpu",
+                      "--dtype", "fp32", env={"HF_HUB_OFFLINE": "1"})
+    assert loss.returncode == 0, loss.stderr
+    with torch.no_grad():
+        expected = theirs(tokens[:-1].view(4, 32), labels=None).logits
+    expected = torch.nn.functional.cross_entropy(expected.flatten(0, 1), tokens[1:]).item()
+    printed_loss = float(re.search(r"^Loss against our test dataset: ([0-9.]+)$", loss.stdout, re.M).group(1))
+    assert printed_loss == pytest.approx(expected, abs=6e-4)
+
+    _, _, exported_parameters = export(tmp_path / "gpt2" / "model.json", tmp_path / "gpt2" / "model.safetensors",
+                                       tmp_path / "back")
+    assert exported_parameters == theirs.num_parameters()
+    assert load_exported(tmp_path / "back").config.tie_word_embeddings is True
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    expected = {name: tensor for name, tensor in theirs.state_dict().items() if name != "lm_head.weight"}
+    assert sorted(back) == sorted(expected)
+    assert all(torch.equal(back[name], tensor) for name, tensor in expected.items())
 
 
 # --- a checkpoint of a run, exported with tokenizer and model card, pushed to the Hub ---
@@ -454,6 +523,16 @@ def test_export_refuses_a_key_gpt2_cannot_express(tmp_path, tiny_checkpoint):
     config_path.write_text(json.dumps(dict(TINY, rope_theta=10000)))
     result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export")
     assert_refused(result, 1, str(config_path), "'rope_theta'")
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_a_mixture_of_experts_saying_what_to_do_instead(tmp_path):
+    cfg = dict(TINY, moe={"num_experts": 4, "num_active_experts": 2})
+    config_path, weights_path = save_ours(tmp_path / "moe", cfg, GPTModel(cfg), "ours")
+    result = run_script("export_hf.py", config_path, weights_path, tmp_path / "export")
+    assert_refused(result, 1, f"{config_path}: key 'moe': a mixture-of-experts model has no transformers "
+                              "equivalent", "share model.json and model.safetensors as they are",
+                   "test_loss.py")
     assert not (tmp_path / "export").exists()
 
 

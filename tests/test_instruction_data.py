@@ -1,7 +1,6 @@
 """Instruction records: file checks, download, the seed's split, prompt format and collate rules."""
 
 import json
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from support import tokenizer
 from support.instruction_data import (IGNORE_INDEX, InstructionDataError, collate, extract_response,
                               format_prompt, format_training_text, load_records, split_records)
-from servers.local_server import LocalServer
+from servers.instruction_data import FileServer
 
 EOT = tokenizer.END_OF_TEXT_ID
 RECORDS = [{"instruction": "Say hi.", "input": "", "output": "Hi."},
@@ -86,31 +85,6 @@ def test_bad_files_name_the_file_record_and_key(tmp_path, content, message):
     with pytest.raises(InstructionDataError) as error:
         load_records(path)
     assert str(path) in error.value.message and message in error.value.message
-
-
-class FileServer(LocalServer):
-    """Serves one payload at /instruction-data.json on 127.0.0.1 and counts the requests."""
-
-    def __init__(self, payload):
-        self.payload, self.requests = payload, 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                outer.requests += 1
-                if self.path != "/instruction-data.json":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(outer.payload)))
-                self.end_headers()
-                self.wfile.write(outer.payload)
-
-        self.serve(Handler)
-        self.url = f"{self.root_url}/instruction-data.json"
 
 
 def test_downloads_when_missing_and_only_then(tmp_path):

@@ -1,13 +1,14 @@
-"""instruction_tuning.fine_tune's early stopping, in process: the tensors themselves."""
+"""instruction_tuning.fine_tune's early stopping and validation loss, in process: the tensors themselves."""
 
 import copy
 
 import click
 import pytest
 import torch
+import torch.nn.functional as F
 
 from support import instruction_data
-from support.instruction_tuning import fine_tune
+from support.instruction_tuning import ALL_BATCHES, fine_tune, validation_loss
 from gpt import GPTModel
 
 SMALL = dict(vocab_size=100, emb_dim=16, context_length=32, n_heads=2, n_layers=1, drop_rate=0.0,
@@ -74,3 +75,24 @@ def test_diverged_fine_tuning_stops_with_one_line():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e12)
     with pytest.raises(click.ClickException, match=r"fine-tuning diverged: validation loss (nan|inf) after epoch 1"):
         fine_tune(model, optimizer, small_batches(1), small_batches(1), torch.device("cpu"), "fp32")
+
+
+def test_the_validation_loss_is_the_mean_of_batch_means_over_five_batches_or_all():
+    """The seed's over the first 5 batches (test_ift.py), the later original's over all of
+    them (ift_generate_test_responses.py): each the unweighted mean of the batches' means,
+    as both compute it, in the loss fine_tune goes by."""
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    batches = small_batches(7)
+    with torch.no_grad():
+        means = [F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item() for inputs, targets in batches]
+    assert validation_loss(model, batches, torch.device("cpu"), "fp32") == pytest.approx(sum(means[:5]) / 5, rel=1e-6)
+    assert validation_loss(model, batches, torch.device("cpu"), "fp32", ALL_BATCHES) == \
+        pytest.approx(sum(means) / 7, rel=1e-6)
+    assert abs(sum(means) / 7 - sum(means[:5]) / 5) > 1e-3
+    # fine_tune measures what it is told to: with a learning rate of 0 nothing changes.
+    for validation_batches, expected in ((None, sum(means) / 7), (5, sum(means[:5]) / 5)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        _, _, history = fine_tune(model, optimizer, batches[:1], batches, torch.device("cpu"), "fp32",
+                                  max_epochs=1, validation_batches=validation_batches)
+        assert history[0][1] == pytest.approx(expected, rel=1e-6)

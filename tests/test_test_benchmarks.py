@@ -229,7 +229,13 @@ def test_bad_paths_and_checkpoints_are_refused_before_any_work(checkpoint, tmp_p
     (tmp_path / "small" / "model.json").write_text(json.dumps(small_vocab))
     assert_one_line(invoke(tmp_path / "small" / "model.json", tmp_path / "small" / "model.safetensors", *tasks),
                     "vocab_size 100 is smaller than GPT-2's 50257")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["earlier.json", "other.json", "small"]
+    # transformers has no GPT-2 with experts: refused from model.json, the weights unread.
+    moe = tmp_path / "moe.json"
+    moe.write_text(json.dumps({**CONFIG, "moe": {"num_experts": 4, "num_active_experts": 2}}))
+    assert_one_line(invoke(moe, tmp_path / "no-such.safetensors", *tasks),
+                    f"{moe}: key 'moe': a mixture-of-experts model has no transformers equivalent",
+                    "score it with our own test_loss.py, test_smoke.py or test_ift.py instead")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["earlier.json", "moe.json", "other.json", "small"]
 
 
 def test_unknown_task_names_are_one_line_that_says_how_to_list_them(checkpoint, tmp_path, invoke):

@@ -4,19 +4,27 @@ Endpoints: POST /v1/responses (Responses API), POST /v1/chat/completions (Chat
 Completions), GET /v1/models. Replies have the JSON shapes the openai SDK parses
 (`output[].content[].text` of type output_text, `choices[].message.content`).
 
-What it answers is scripted by the reference output inside each judge prompt: a
-`[judge STEP STEP ...]` tag there lists what successive requests for that prompt
-get, the last step repeating:
+It reads both kinds of judge prompt (support/judge.py): the seed's, one response scored
+with a bare integer, and the side-by-side one, several responses shown as "# Model N"
+blocks and scored in one JSON object. What it answers is scripted by the reference
+output inside each prompt: a `[judge STEP STEP ...]` tag there lists what successive
+requests for that prompt get, the last step repeating:
 
-    reply:TEXT    answer TEXT (no spaces)
-    http429       429 rate limit, with retry-after-ms: 10
-    http429:N     429 rate limit, with retry-after: N (seconds)
-    http500       500 server error, no retry header (the client's own backoff applies)
-    http400       400 bad request
-    quota         429 with code insufficient_quota
+    reply:TEXT          answer TEXT (no spaces)
+    compare             the JSON a side-by-side prompt asks for: each model the score
+                        that a `[score N]` tag in its response names (50 without one),
+                        with a comment naming the model as it was shown
+    compare-fenced      the same, in a ```json code fence
+    compare-without:N   the same without "Model N"
+    http429             429 rate limit, with retry-after-ms: 10
+    http429:N           429 rate limit, with retry-after: N (seconds)
+    http500             500 server error, no retry header (the client's own backoff applies)
+    http400             400 bad request
+    quota               429 with code insufficient_quota
 
-Without a tag the answer is "50". With `api_key` set, any other bearer token gets 401.
-`delay` seconds are spent in every scoring request, to observe concurrency.
+Without a tag the answer is "50" to the seed's question and `compare` to the side-by-side
+one. With `api_key` set, any other bearer token gets 401. `delay` seconds are spent in
+every scoring request, to observe concurrency.
 
     python tests/servers/judge.py --port 8000     # for trying test_ift.py by hand
 """
@@ -34,17 +42,37 @@ except ImportError:  # run as a script (python tests/servers/NAME.py): its folde
     from local_server import LocalServer
 
 REFERENCE = re.compile(r"and correct output `(.*?)`, score the model response", re.DOTALL)
+# The side-by-side prompt's reference and answers, each in a code fence of 3 or more backticks.
+COMPARATIVE_REFERENCE = re.compile(r"^## A correct answer\n\n(`{3,})\n(.*?)\n\1$", re.DOTALL | re.MULTILINE)
+MODEL_ANSWER = re.compile(r"^# Model (\d+)\n\n(`{3,})\n(.*?)\n\2$", re.DOTALL | re.MULTILINE)
 SCRIPT = re.compile(r"\[judge ([^\]]*)\]")
+SCORE_TAG = re.compile(r"\[score (\d+)\]")
 
 
 def script_of(prompt):
-    match = REFERENCE.search(prompt)
-    tag = SCRIPT.search(match.group(1)) if match else None
-    return tag.group(1).split() if tag else ["reply:50"]
+    comparative = COMPARATIVE_REFERENCE.search(prompt)
+    if comparative:
+        reference, default = comparative.group(2), "compare"
+    else:
+        match = REFERENCE.search(prompt)
+        reference, default = (match.group(1) if match else ""), "reply:50"
+    tag = SCRIPT.search(reference)
+    return tag.group(1).split() if tag else [default]
+
+
+def comparison(prompt, without=None):
+    """The JSON a side-by-side prompt asks for, scored by the answers' own [score N] tags."""
+    verdicts = {}
+    for number, _, answer in MODEL_ANSWER.findall(prompt):
+        tag = SCORE_TAG.search(answer)
+        verdicts[f"Model {number}"] = {"score": int(tag.group(1)) if tag else 50,
+                                       "comments": f"shown as Model {number}"}
+    verdicts.pop(f"Model {without}", None)
+    return json.dumps(verdicts)
 
 
 class JudgeServer(LocalServer):
-    def __init__(self, api_key=None, models=("gpt-5.1",), delay=0.0, list_models=True, port=0):
+    def __init__(self, api_key=None, models=("gpt-5.1", "gpt-5.5"), delay=0.0, list_models=True, port=0):
         self.api_key = api_key
         self.models = list(models)
         self.delay = delay
@@ -133,12 +161,18 @@ class JudgeServer(LocalServer):
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     time.sleep(server.delay)
-                    self.answer(server.next_step(prompt), body["model"])
+                    self.answer(server.next_step(prompt), body["model"], prompt)
                 finally:
                     with server.lock:
                         server.in_flight -= 1
 
-            def answer(self, step, model):
+            def answer(self, step, model, prompt):
+                if step == "compare":
+                    step = "reply:" + comparison(prompt)
+                elif step == "compare-fenced":
+                    step = "reply:```json\n" + comparison(prompt) + "\n```"
+                elif step.startswith("compare-without:"):
+                    step = "reply:" + comparison(prompt, without=step.removeprefix("compare-without:"))
                 if step == "http429":
                     self.send_error_json(429, "Rate limit reached", "requests", "rate_limit_exceeded",
                                          headers=[("retry-after-ms", "10")])
@@ -186,7 +220,7 @@ if __name__ == "__main__":
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", action="append", default=None)
     arguments = parser.parse_args()
-    stand_in = JudgeServer(api_key=arguments.api_key, models=arguments.model or ["gpt-5.1"],
+    stand_in = JudgeServer(api_key=arguments.api_key, models=arguments.model or ["gpt-5.1", "gpt-5.5"],
                            port=arguments.port)
     print(f"stand-in judge at {stand_in.url}", flush=True)
     stand_in.httpd.serve_forever()
