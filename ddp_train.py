@@ -53,14 +53,15 @@ def main(run, datasets_dir, checkpoint, device_name, preflight_run, preflight_st
     ranks = read_ranks()
     die_with_launcher(ranks, LAUNCHER_PID)
     checking = preflight_run or find_microbatch
-    resume_hint = None if checking else "resume from the newest checkpoint with\n  " + relaunch_command(
-        ["ddp_train.py", run, str(datasets_dir), "auto"] + (["--device", device_name] if device_name else []))
+    resume_command = relaunch_command(["ddp_train.py", run, str(datasets_dir), "auto"]
+                                      + (["--device", device_name] if device_name else []))
+    resume_hint = None if checking else f"resume from the newest checkpoint with\n  {resume_command}"
     with one_line_per_failure(ranks, interrupted_hint=resume_hint):
         if checking:
             check_before_training(run, datasets_dir, checkpoint, device_name, ranks, find_microbatch,
                                   preflight_steps or preflight.TIMED_STEPS, deadline_hours)
         else:
-            train(run, datasets_dir, checkpoint, device_name, ranks)
+            train(run, datasets_dir, checkpoint, device_name, ranks, resume_command)
 
 
 # `--help` and usage mistakes are answered before torch is imported, which takes seconds
@@ -71,20 +72,22 @@ import torch  # noqa: E402
 
 from gpt import GPTModel, load_balancing_loss, routing_statistics  # noqa: E402
 from support import checkpointing, devices, preflight, safe_files, weights  # noqa: E402
+from support import run_history  # noqa: E402
 from support.benchmark_scores import BenchmarkError, InTrainingBenchmarks  # noqa: E402
 from support.config import load_model_config, load_train_config  # noqa: E402
 from support.metrics import check_loggers_installed, start_metrics  # noqa: E402
-from support.optimizer import (build_optimizer, clip_gradients, full_optimizer_state, gradient_norm,  # noqa: E402
+from support.optimizer import (build_optimizer, clip_gradients, gradient_norm,  # noqa: E402
                                learning_rate_at, optimizer_step_unless, original_schedule,
                                set_learning_rate)
 from support.parallel import (Ranks, all_reduce_sum, die_with_launcher, finish_process_group,  # noqa: E402
-                              first_on_each_node, full_model_state, main_rank_alone, main_rank_first,
-                              one_line_per_failure, read_ranks, rng_states, start_process_group,
+                              first_on_each_node, main_rank_alone, main_rank_first,
+                              one_line_per_failure, read_ranks, report_to_launcher, start_process_group,
                               training_device, weights_finite, wrap_model)
 from support.progress import TrainingProgress, startup_line  # noqa: E402
 from support.token_data import DatasetError, check_first_batches, load_splits, resolve_dataset_dir  # noqa: E402
 from support.health import Health, injected_loss_factor  # noqa: E402
-from support.training import StepResult, Training, resume, roll_back  # noqa: E402
+from support.preemption import PREEMPTED_EXIT_CODE, Preemption  # noqa: E402
+from support.training import StepResult, Training, resume, roll_back, save  # noqa: E402
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
@@ -146,14 +149,12 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
     training = Training(ranks, run_dir, model_config, config, device, dtype_name, train_batches, val_batches,
                         model=wrapped, optimizer=build_optimizer(model, config, device),
                         scaler=torch.amp.GradScaler(device.type, enabled=dtype_name == "fp16"),
-                        run_lock=run_lock, benchmarks=benchmarks, best_key=checkpointing.best_loss_key(config))
+                        run_lock=run_lock, benchmarks=benchmarks, best_key=run_history.best_loss_key(config))
     if config.lr_schedule == "original":
         training.scheduler = original_schedule(training.optimizer, config, training.total_steps)
+    training.health = Health(config, device)
     if resume_from is not None:
         resume(training, resume_from)
-    training.health = Health(config, device, skipped_before=resume_from.meta.get("nonfinite_steps", 0)
-                             if resume_from else 0)
-    training.health.restore_window(resume_from and resume_from.meta.get("loss_window"))
     training.injected_loss = injected_loss_factor(ranks.rank)
     notes = [dtype_note] if dtype_note else []
     if config.ignored_keys:
@@ -162,6 +163,9 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
     if not read_only:
         checkpoint_names = {c.global_step: c.name for c in checkpointing.list_checkpoints(training.checkpoints_dir)}
         training.metrics, notes = start_metrics(training, checkpoint_names)
+        if training.resumed_session is not None:
+            training.metrics.load_state(training.resumed_session["metrics"])
+        training.preemption = Preemption(device, config.preemption_grace_seconds)
     if ranks.is_main:
         if not read_only:
             checkpointing.remove_leftovers(training.checkpoints_dir)
@@ -184,8 +188,9 @@ def check_before_training(run, datasets_dir, checkpoint_name, device_name, ranks
 
 # --- the training loop ---
 
-def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
+def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks, resume_command: str):
     training = set_up(run, datasets_dir, checkpoint_name, device_name, ranks)
+    training.preemption.install()
     if training.start_step >= training.total_steps:
         if ranks.is_main:
             print(f"nothing to train: {training.resumed_from.name} is at the last of the dataset's "
@@ -211,9 +216,29 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks):
                 continue
         if training.checkpoint_due(step):
             checkpoint(training, progress, step, result)
+        if result.stop:
+            stop_for_preemption(training, progress, step, result, resume_command)
         step = training.next_step(step)
     progress.finish(training.best_loss)
     finish_process_group(ranks)
+
+
+def stop_for_preemption(training: Training, progress: TrainingProgress, step: int, result: StepResult,
+                        resume_command: str) -> None:
+    """SIGTERM reached a rank: every rank is at this step. Unless this step's regular
+    checkpoint was just written (or its weights are not healthy), global rank 0 writes a
+    resume point here (no validation, never best); then every rank exits, "stopped,
+    resumable" (support/preemption.py)."""
+    name = None
+    written = bool(training.history) and training.history[-1]["global_step"] == step
+    healthy = not result.nonfinite.item() and weights_finite(training.model, training.ranks)
+    if not written and healthy:
+        name = save(training, step, result, {"train_loss": None, "val_loss": None, "window": None}, False,
+                    progress.low_space_warning) or "a resume point (written by global rank 0)"
+    line = progress.stopped(step, written, name, resume_command)
+    report_to_launcher(line, PREEMPTED_EXIT_CODE)   # and a torchrun restart gives up at once
+    finish_process_group(training.ranks)   # rank 0's files are complete before any rank exits
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def rolling_back(training: Training, spike: int) -> bool:
@@ -267,7 +292,9 @@ def flag_nonfinite_step(training: Training, result: StepResult) -> None:
     finite: the same on every rank, so every rank skips the same steps (support/health.py).
     Under fp16 the scaler skips gradients that overflow, as it must while it finds its
     scale: only a loss that is not finite counts there."""
-    result.global_loss_sum = all_reduce_sum(result.loss_sum.clone(), training.ranks)
+    stop = training.preemption.flag() if training.preemption else torch.zeros((), device=training.device)
+    result.global_loss_sum, stop = all_reduce_sum(torch.stack([result.loss_sum, stop]), training.ranks)
+    result.stop = training.preemption is not None and training.preemption.stop_after(stop)
     result.mean_loss = result.global_loss_sum / training.micro_batches_per_step
     loss_bad = ~torch.isfinite(result.global_loss_sum)
     norm_bad = torch.zeros_like(loss_bad)
@@ -335,26 +362,12 @@ def checkpoint(training: Training, progress: TrainingProgress, step: int, result
         training.best_loss = min(training.best_loss, value)
     training.history.append({"global_step": step, "train_loss": losses["train_loss"], "val_loss": losses["val_loss"],
                              "is_best": is_best})
-    # Collectives first (every rank takes part), then rank 0 writes alone.
-    rng_state = rng_states(ranks, training.device)
-    model_state = full_model_state(model, ranks)
-    optimizer_state = full_optimizer_state(model.model, training.optimizer, sharded=model.sharded)
-    saved_name = None
-    if ranks.is_main:
-        progress.low_space_warning()
-        meta = checkpointing.checkpoint_meta(training, step, losses, is_best, result.learning_rate,
-                                             None if result.grad_norm is None else result.grad_norm.item())
-        # The later original writes scaler.pt only with its fp16 scaler; the first one always.
-        keep_scaler = training.scaler.is_enabled() or training.config.dialect == "bf269c6"
-        saved_name = checkpointing.save_checkpoint(
-            training.checkpoints_dir, model_state=model_state, optimizer_state=optimizer_state,
-            scaler_state=training.scaler.state_dict() if keep_scaler else None, rng_state=rng_state, meta=meta,
-            scheduler_state=None if training.scheduler is None else training.scheduler.state_dict(),
-            keep=training.config.keep_checkpoints, model_config=training.model_config).name
+    saved_name = save(training, step, result, losses, is_best, progress.low_space_warning)
     progress.checkpoint_written(step, losses, is_best, saved_name)
     if training.benchmarks is not None and training.benchmarks.due(step, training.is_last(step)):
-        main_rank_alone(lambda: training.benchmarks.score(step, saved_name, model_state, training.metrics,
-                                                          progress.write), ranks)
+        main_rank_alone(lambda: training.benchmarks.score(step, saved_name, training.saved_model_state,
+                                                          training.metrics, progress.write), ranks)
+    training.saved_model_state = None
     progress.checkpoint_done(step)
 
 

@@ -500,9 +500,9 @@ def chart_points(checkpoints_dir):
     `latest` carries (or, for the original scripts' runs, every checkpoint's)."""
     # Imported here, not at the top: checkpointing imports torch, which takes seconds,
     # and `chart.py --help` should answer at once.
-    from . import checkpointing
+    from . import checkpointing, run_history
 
-    points = checkpointing.run_history(checkpoints_dir)
+    points = run_history.run_history(checkpoints_dir)
     best = checkpointing.link_target(checkpoints_dir, "best")
     best_steps = {point["global_step"] for point in points}
     best_step = best.global_step if best is not None and best.global_step in best_steps else None

@@ -119,14 +119,19 @@ class Health:
         self.filled = 0
         self.recent.zero_()
 
-    def window_state(self) -> dict:
-        """The spike window, for meta.json: a resumed run decides as an uninterrupted one."""
-        return {"losses": self.recent.tolist(), "filled": self.filled}
+    COUNTERS = ("in_a_row", "longest_run", "skipped", "what", "run_end", "recent", "spiked")
 
-    def restore_window(self, state: dict | None) -> None:
-        if state and len(state.get("losses", ())) == len(self.recent):
-            self.recent.copy_(torch.tensor(state["losses"], device=self.device))
-            self.filled = state["filled"]
+    def state(self) -> dict:
+        """What a checkpoint carries (every rank): the counters and the spike window, so
+        that a resumed run skips, stops and rolls back as an uninterrupted one."""
+        return {**{name: getattr(self, name).cpu() for name in self.COUNTERS}, "filled": self.filled}
+
+    def load_state(self, state: dict) -> None:
+        if tuple(state["recent"].shape) != tuple(self.recent.shape):
+            return   # loss_spike_window changed: start the window afresh
+        for name in self.COUNTERS:
+            getattr(self, name).copy_(state[name])
+        self.filled = state["filled"]
 
     def skipped_total(self) -> int:
         """Non-finite steps skipped in the run so far (a host read: at checkpoints and the end)."""

@@ -248,6 +248,35 @@ class StepMetrics:
         window = self.checkpoint_window.take() if self.ranks.is_main else None
         return {"train_loss": train_loss, "window": window}
 
+    # --- what a checkpoint carries of the sums in progress (every rank) ---
+
+    SUMS = ("checkpoint_loss", "row_loss", "row_norm", "row_clipped", "row_nonfinite")
+    COUNTS = ("checkpoint_steps", "row_steps", "row_micro_steps")
+
+    def state(self) -> dict:
+        """The sums the next row and checkpoint are still adding up (pending rows are
+        written first), for a checkpoint in the middle of them: a preemption's."""
+        self.read_rows()
+        state = {name: getattr(self, name).cpu() for name in self.SUMS}
+        state.update({name: getattr(self, name) for name in self.COUNTS})
+        state["routing"] = None if self.row_routing is None else (
+            self.row_routing.cpu(), None if self.row_balance is None else self.row_balance.cpu())
+        if self.checkpoint_window is not None:
+            state["window"] = self.checkpoint_window.state()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        for name in self.SUMS:
+            getattr(self, name).copy_(state[name])
+        for name in self.COUNTS:
+            setattr(self, name, state[name])
+        if state["routing"] is not None:
+            routing, balance = state["routing"]
+            self.row_routing = routing.to(self.device)
+            self.row_balance = None if balance is None else balance.to(self.device)
+        if self.checkpoint_window is not None and "window" in state:
+            self.checkpoint_window.load_state(state["window"], self.device)
+
     def rolled_back(self, step: int) -> None:
         """Back to the checkpoint of `step` (a rollback): the rows so far are written, and
         what the next checkpoint sums starts afresh there."""
@@ -298,6 +327,14 @@ class CheckpointWindow:
         if result.grad_norm is not None:
             self.norms.append(result.grad_norm)
         self.routing.extend(torch.stack(pair) for pair in result.routing)
+
+    def state(self) -> dict:
+        return {"losses": [t.cpu() for t in self.losses], "norms": [t.cpu() for t in self.norms],
+                "routing": [t.cpu() for t in self.routing]}
+
+    def load_state(self, state: dict, device) -> None:
+        self.losses, self.norms, self.routing = ([t.to(device) for t in state[key]] for key in ("losses", "norms",
+                                                                                                  "routing"))
 
     def take(self) -> dict:
         """The original's keys, computed as it computes them (Python floats), and a fresh window."""
@@ -440,8 +477,8 @@ def prepare_metrics_file(path: Path, resumed_from, history, checkpoint_names: di
                      f"from the checkpoints' history, the old file kept as {aside.name}")
         rows = history_rows(history, checkpoint_names)
     kept = [row for row in rows if resume_step is not None and row["step"] <= resume_step]
-    if resume_step is not None and history and not any(
-            row.get("kind") == "validation" and row["step"] == resume_step for row in kept):
+    if resume_step is not None and history and history[-1]["global_step"] == resume_step and not any(
+            row.get("kind") in ("validation", "checkpoint") and row["step"] == resume_step for row in kept):
         # The crash came between writing the checkpoint and logging it.
         kept += history_rows([history[-1]], {resume_step: resumed_from.name})
     if kept != rows or bad_lines or (kept and not path.exists()):
@@ -450,10 +487,15 @@ def prepare_metrics_file(path: Path, resumed_from, history, checkpoint_names: di
 
 
 def history_rows(history, checkpoint_names: dict) -> list[dict]:
-    """Validation rows rebuilt from a checkpoint's loss history."""
-    return [{"kind": "validation", "step": point["global_step"], "train_loss": point["train_loss"],
-             "val_loss": point["val_loss"], "is_best": bool(point.get("is_best")),
-             "checkpoint": checkpoint_names.get(point["global_step"])} for point in history]
+    """Validation (or, without validation, checkpoint) rows rebuilt from a checkpoint's loss history."""
+    rows = []
+    for point in history:
+        row = {"kind": "validation" if point.get("val_loss") is not None else "checkpoint",
+               "step": point["global_step"], "train_loss": point["train_loss"]}
+        if point.get("val_loss") is not None:
+            row["val_loss"] = point["val_loss"]
+        rows.append({**row, "is_best": bool(point.get("is_best")), "checkpoint": checkpoint_names.get(point["global_step"])})
+    return rows
 
 
 WANDB_ID_FILE = "wandb-run-id"

@@ -169,9 +169,10 @@ def report_to_launcher(message: str, exit_code: int = 1) -> None:
         pass  # the summary then says less; the line itself is on stderr already
 
 
-# Exit codes of a stop that a restart would only repeat (health.DIVERGED_EXIT_CODE):
-# the restarted attempt gives up at once instead of training into the same stop again.
-NOT_RESTARTABLE = {3}
+# Exit codes of a stop that a restart should not undo: health.DIVERGED_EXIT_CODE (it would
+# only train into the same stop again) and preemption.PREEMPTED_EXIT_CODE (the job was
+# told to stop). The restarted attempt gives up at once.
+NOT_RESTARTABLE = {3, 75}
 
 
 class RepeatedStop(click.ClickException):
@@ -423,9 +424,12 @@ def set_generator_states(states: dict, device: torch.device) -> None:
         torch.mps.set_rng_state(states["mps"])
 
 
-def rng_states(ranks: Ranks, device: torch.device) -> dict | None:
-    """Every rank's generator states, gathered on global rank 0 (None elsewhere)."""
+def rng_states(ranks: Ranks, device: torch.device, session: dict | None = None) -> dict | None:
+    """Every rank's generator states, gathered on global rank 0 (None elsewhere), and with
+    `session` each rank's half-done sums (support/training.session_state) under "session"."""
     mine = generator_states(device)
+    if session is not None:
+        mine["session"] = session
     everyone = [mine]
     if ranks.distributed:
         everyone = [None] * ranks.world_size if ranks.is_main else None
@@ -435,7 +439,9 @@ def rng_states(ranks: Ranks, device: torch.device) -> dict | None:
     return {"world_size": ranks.world_size, **{kind: [state[kind] for state in everyone] for kind in mine}}
 
 
-def restore_rng_states(saved: dict, ranks: Ranks, device: torch.device) -> None:
-    """This rank's states out of what rng_states gathered."""
+def restore_rng_states(saved: dict, ranks: Ranks, device: torch.device) -> dict | None:
+    """This rank's generator states out of what rng_states gathered; returns its session
+    state (None in files written before there was one)."""
     set_generator_states({kind: saved[kind][ranks.rank] for kind in ("cpu", "cuda", "mps") if kind in saved},
                          device)
+    return saved["session"][ranks.rank] if "session" in saved else None

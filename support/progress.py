@@ -104,6 +104,18 @@ class TrainingProgress:
         self.last_refresh = time.monotonic()
         return next_step
 
+    def stopped(self, step: int, checkpointed: bool, resume_point: str | None, resume_command: str) -> str:
+        """After a SIGTERM: the bar closed, the metrics made durable, one line (rank 0
+        prints it; every rank returns it, for torchrun's summary)."""
+        self.bar.close()
+        self.metrics.close()
+        written = ("its checkpoint written" if checkpointed else f"resume point {resume_point} written"
+                   if resume_point else "no resume point: its weights are not healthy")
+        line = f"stopped by SIGTERM after step {step:,} ({written}); resume with: {resume_command}"
+        if self.ranks.is_main:
+            print(line, file=sys.stderr, flush=True)
+        return line
+
     def write(self, line: str) -> None:
         """A line above the bar (rank 0 only)."""
         if self.ranks.is_main:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from . import checkpointing, weights
+
+from . import run_history
 from .checkpointing import Checkpoint
 from .config import TrainConfig
 from .optimizer import load_optimizer_state, resume_schedule
@@ -39,6 +41,9 @@ class Training:
     skipped_steps: list = field(default_factory=list)   # [first, last] step ranges a rollback skipped
     rollbacks: int = 0            # how many times the run went back to a checkpoint before a loss spike
     injected_loss: tuple | None = None  # a test's (steps, factor) for this rank's loss (health.LOSS_TIMES_VARIABLE)
+    preemption: object = None     # preemption.Preemption: SIGTERM's flag; None in a preflight
+    resumed_session: dict | None = None   # the checkpoint's half-done sums, for the metrics once they exist
+    saved_model_state: dict | None = None  # the newest checkpoint's full weights (rank 0), for its benchmarks
     run_lock: object = None       # global rank 0's hold on the run directory (safe_files.lock_run)
     metrics: object = None        # metrics.MetricsLog on every rank of a real run; None in a preflight
     benchmarks: object = None     # benchmark_scores.InTrainingBenchmarks when train.json has benchmark_tasks
@@ -100,12 +105,15 @@ def resume(training: Training, checkpoint: Checkpoint, say=print) -> None:
     training.start_step = checkpoint.global_step + 1
     if training.scheduler is not None:
         resume_schedule(training.optimizer, training.scheduler, state.scheduler_state, training.start_step)
-    training.best_loss = checkpointing.best_loss(training.checkpoints_dir, training.best_key)
-    training.history = checkpointing.run_history(training.checkpoints_dir, resuming_from=checkpoint)
+    training.best_loss = run_history.best_loss(training.checkpoints_dir, training.best_key)
+    training.history = run_history.run_history(training.checkpoints_dir, resuming_from=checkpoint)
     training.skipped_steps = [list(pair) for pair in checkpoint.meta.get("skipped_steps", [])]
     training.rollbacks = checkpoint.meta.get("rollbacks", 0)
+    training.health.skipped.fill_(checkpoint.meta.get("nonfinite_steps", 0))
     if state.rng_state is not None and state.rng_state.get("world_size") == ranks.world_size:
-        restore_rng_states(state.rng_state, ranks, device)
+        training.resumed_session = restore_rng_states(state.rng_state, ranks, device)
+        if training.resumed_session is not None:
+            training.health.load_state(training.resumed_session["health"])
     else:
         # The original scripts saved no generator states: dropout masks from here on
         # can't match an uninterrupted run, but stay distinct per rank and per resume.
@@ -113,6 +121,38 @@ def resume(training: Training, checkpoint: Checkpoint, say=print) -> None:
         if ranks.is_main:
             say(f"note: {checkpoint.name} holds no random-number generator states for "
                 f"{ranks.world_size} rank(s); training goes on with freshly seeded ones")
+
+
+def session_state(training: Training) -> dict:
+    """This rank's half-done sums that a checkpoint carries (in rng_state.pt, beside the
+    generators): the metrics' open row and window, the health counters. Empty at a
+    regular checkpoint but for the counters; a preemption's resume point needs them all."""
+    return {"metrics": training.metrics.state(), "health": training.health.state()}
+
+
+def save(training: Training, step: int, result, losses: dict, is_best: bool, low_space_warning) -> str | None:
+    """Every rank: gather what a checkpoint holds (collectives); global rank 0: write it
+    (meta.json from checkpointing.checkpoint_meta) and return its name (None elsewhere)."""
+    from .optimizer import full_optimizer_state
+    from .parallel import full_model_state, rng_states
+
+    ranks, model = training.ranks, training.model
+    rng_state = rng_states(ranks, training.device, session_state(training))
+    model_state = full_model_state(model, ranks)
+    optimizer_state = full_optimizer_state(model.model, training.optimizer, sharded=model.sharded)
+    training.saved_model_state = model_state   # what benchmarks at this checkpoint score (rank 0)
+    if not ranks.is_main:
+        return None
+    low_space_warning()
+    meta = checkpointing.checkpoint_meta(training, step, losses, is_best, result.learning_rate,
+                                         None if result.grad_norm is None else result.grad_norm.item())
+    # The later original writes scaler.pt only with its fp16 scaler; the first one always.
+    keep_scaler = training.scaler.is_enabled() or training.config.dialect == "bf269c6"
+    return checkpointing.save_checkpoint(
+        training.checkpoints_dir, model_state=model_state, optimizer_state=optimizer_state,
+        scaler_state=training.scaler.state_dict() if keep_scaler else None, rng_state=rng_state, meta=meta,
+        scheduler_state=None if training.scheduler is None else training.scheduler.state_dict(),
+        keep=training.config.keep_checkpoints, model_config=training.model_config).name
 
 
 def roll_back(training: Training, spike_step: int) -> tuple[Checkpoint, list]:
@@ -152,3 +192,4 @@ class StepResult:
     mean_loss: torch.Tensor | None = None          # the step's mean loss over every rank and micro-step
     nonfinite: torch.Tensor | None = None          # 1.0 where the loss or gradient norm was not finite (skipped)
     nonfinite_what: torch.Tensor | None = None     # which: 1 the loss, 2 the gradient norm, 3 both
+    stop: bool = False                             # SIGTERM reached a rank a step ago: stop after this one

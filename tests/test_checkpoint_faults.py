@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 
 from support import checkpointing
 
+from support import run_history
+
 from support import weights as weight_files
 from support.checkpointing import CheckpointError
 from helpers import one_line_error, run_script
@@ -408,7 +410,7 @@ def test_garbage_meta_json_under_best_is_a_warning_at_start_up(tmp_path):
         f"moves to the next checkpoint that beats it"]
     # Resuming from latest still works; best is re-pointed at the next improvement.
     assert checkpointing.resolve_checkpoint(tmp_path, "latest").global_step == 1
-    assert checkpointing.best_loss(tmp_path) == 5.5
+    assert run_history.best_loss(tmp_path) == 5.5
     third = save(tmp_path, 2, 5.2, is_best=True)
     assert checkpointing.link_target(tmp_path, "best").name == third.name
     assert checkpointing.link_warnings(tmp_path) == []

@@ -11,6 +11,7 @@ import torch
 
 from support import charts as chart
 from support import checkpointing
+from support import run_history
 from support import weights as weight_files
 from support.checkpointing import CheckpointError
 from gpt import GPTModel
@@ -98,7 +99,7 @@ def test_latest_always_moves_best_only_on_improvement(tmp_path):
     second = save(tmp_path, 10, 4.5, is_best=False)
     assert checkpointing.link_target(tmp_path, "best").name == first.name
     assert checkpointing.link_target(tmp_path, "latest").name == second.name
-    assert checkpointing.best_loss(tmp_path) == 4.0
+    assert run_history.best_loss(tmp_path) == 4.0
     assert [c.global_step for c in checkpointing.list_checkpoints(tmp_path)] == [0, 10]
 
 
@@ -140,9 +141,9 @@ def test_listing_skips_leftovers_and_reads_original_checkpoints(tmp_path):
     assert latest.global_step == 100
     state = checkpointing.read_resume_state(latest)
     assert state.rng_state is None and state.scaler_state["scale"] == 65536.0
-    assert checkpointing.best_loss(tmp_path) == 5.0
-    assert [p["global_step"] for p in checkpointing.loss_history(tmp_path)] == [0, 100]
-    assert [p["global_step"] for p in checkpointing.loss_history(tmp_path, up_to_step=50)] == [0]
+    assert run_history.best_loss(tmp_path) == 5.0
+    assert [p["global_step"] for p in run_history.loss_history(tmp_path)] == [0, 100]
+    assert [p["global_step"] for p in run_history.loss_history(tmp_path, up_to_step=50)] == [0]
 
     removed = checkpointing.remove_leftovers(tmp_path)
     assert sorted(removed) == [".deleting-20250101Z000000-iteration-0", ".latest.123.tmp",

@@ -65,7 +65,7 @@ def shown_order(prompt):
 
 
 def test_scores_go_back_to_their_files_whatever_the_order(judged):
-    result, files, server, out = judged["result"], judged["files"], judged["server"], judged["out"]
+    files, server, out = judged["files"], judged["server"], judged["out"]
     names = list(SCORES)
     annotated = {name: json.loads((out / f"{name}-ift-test-results-annotated.json").read_text()) for name in names}
     for name, file in zip(names, files):
