@@ -86,8 +86,11 @@ from support.parallel import (Ranks, all_reduce_sum, die_with_launcher, finish_p
 from support.progress import TrainingProgress, startup_line  # noqa: E402
 from support.token_data import DatasetError, check_first_batches, load_splits, resolve_dataset_dir  # noqa: E402
 from support.health import Health, injected_loss_factor  # noqa: E402
+from support.mirror import CheckpointMirror, fetch_newest  # noqa: E402
+from support.mirror_targets import parse_target  # noqa: E402
 from support.preemption import PREEMPTED_EXIT_CODE, Preemption  # noqa: E402
-from support.training import StepResult, Training, resume, roll_back, save  # noqa: E402
+from support.training import (StepResult, Training, resume, roll_back, rolling_back, save,  # noqa: E402
+                              validation_loss, wait_for_the_mirror)
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
@@ -114,6 +117,11 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
     dtype_name, dtype_note = devices.training_dtype(run_dir / "train.json", config, device)
 
     start_process_group(ranks, device)
+    if checkpoint_name == "auto" and resume_from is None and config.checkpoint_mirror and not read_only:
+        # A fresh machine: the newest complete checkpoint of the mirror, if it has one.
+        main_rank_first(lambda: fetch_newest(parse_target(config.checkpoint_mirror, run_dir),
+                                             run_dir / "checkpoints", say=print), ranks, click.ClickException)
+        resume_from = checkpointing.find_checkpoint_to_resume(run_dir / "checkpoints", checkpoint_name)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     splits = ("train", "validation") if config.validates else ("train",)
     dataset_dir = Path(first_on_each_node(
@@ -202,6 +210,10 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks, resume_
         return
 
     progress, health = TrainingProgress(training), training.health
+    if ranks.is_main and training.config.checkpoint_mirror:
+        training.mirror = CheckpointMirror(parse_target(training.config.checkpoint_mirror, training.run_dir),
+                                           training.checkpoints_dir, keep=training.config.keep_checkpoints,
+                                           say=progress.write)
     step = training.start_step
     while step < training.total_steps:
         result = train_step(training, step)
@@ -220,6 +232,7 @@ def train(run, datasets_dir, checkpoint_name, device_name, ranks: Ranks, resume_
             stop_for_preemption(training, progress, step, result, resume_command)
         step = training.next_step(step)
     progress.finish(training.best_loss)
+    wait_for_the_mirror(training)
     finish_process_group(ranks)
 
 
@@ -235,18 +248,12 @@ def stop_for_preemption(training: Training, progress: TrainingProgress, step: in
     if not written and healthy:
         name = save(training, step, result, {"train_loss": None, "val_loss": None, "window": None}, False,
                     progress.low_space_warning) or "a resume point (written by global rank 0)"
+    if training.mirror is not None:
+        training.mirror.wait()   # within the grace period, or not at all: queued copies go on at the next start
     line = progress.stopped(step, written, name, resume_command)
     report_to_launcher(line, PREEMPTED_EXIT_CODE)   # and a torchrun restart gives up at once
     finish_process_group(training.ranks)   # rank 0's files are complete before any rank exits
     raise SystemExit(PREEMPTED_EXIT_CODE)
-
-
-def rolling_back(training: Training, spike: int) -> bool:
-    """Whether a spike at step `spike` rolls the run back: asked for, rollbacks left, and a
-    checkpoint before it to go back to."""
-    config = training.config
-    return (config.on_loss_spike == "rollback" and training.rollbacks < config.max_rollbacks
-            and any(c.global_step < spike for c in checkpointing.list_checkpoints(training.checkpoints_dir)))
 
 
 def train_step(training: Training, step: int) -> StepResult:
@@ -317,29 +324,6 @@ def add_moe_terms(training: Training, result: StepResult, loss, routing):
     balance = load_balancing_loss(routing)
     result.balance_loss = balance.detach() if result.balance_loss is None else result.balance_loss + balance.detach()
     return loss + weight * balance
-
-
-@torch.inference_mode()
-def validation_loss(training: Training) -> float:
-    """Mean loss over validation batches 0..n-1, the original's number, with each rank
-    computing a share (batches rank, rank + W, ...) and one all-reduce joining them."""
-    model, ranks, batches = training.model, training.ranks, training.val_batches
-    model.evaluation.eval()
-    losses = torch.zeros(len(batches), device=training.device)
-    # Every rank runs the same number of forward passes: under FSDP each one all-gathers
-    # the weights with every other rank, so a rank with one batch fewer would hang the
-    # rest. The last round's spare ranks recompute batch 0 and drop the result.
-    for first in range(0, len(batches), ranks.world_size):
-        index = first + ranks.rank
-        inputs, targets = devices.to_device(batches[index if index < len(batches) else 0], training.device)
-        with model.autocast:
-            loss = model.evaluation(inputs, targets=targets)
-        if index < len(batches):
-            losses[index] = loss
-    all_reduce_sum(losses, ranks)  # each entry is non-zero on one rank only: sums are exact
-    model.evaluation.train()
-    # Added up in batch order in Python floats, as the original did batch by batch.
-    return sum(losses.tolist()) / len(batches)
 
 
 def checkpoint(training: Training, progress: TrainingProgress, step: int, result: StepResult) -> None:

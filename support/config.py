@@ -347,6 +347,13 @@ def _optional_train_values(path, given: dict, dialect: str) -> dict:
 
 
 def _checked_together(path, config: TrainConfig) -> TrainConfig:
+    if config.checkpoint_mirror is not None:
+        from .mirror_targets import parse_target   # no torch: the mirror's copier imports only that
+
+        try:
+            parse_target(config.checkpoint_mirror, run_dir=Path(path).parent)
+        except ValueError as error:
+            raise ConfigError(f"{path}: key 'checkpoint_mirror' {error}") from None
     interval = config.benchmark_interval or config.checkpoint_interval
     if interval % config.checkpoint_interval:
         # Benchmarks score the weights a checkpoint has just saved.

@@ -1,11 +1,14 @@
 """One training session's state: what ddp_train.py's set_up builds and its loop reads and
 updates, in one object that the package's pieces (metrics, progress, preflight,
-checkpoints' meta.json) take instead of long argument lists."""
+checkpoints' meta.json) take instead of long argument lists; and what is done with that
+state as a whole: resuming it from a checkpoint, saving it as one (and handing it to the
+mirror), rolling it back before a loss spike, the validation loss."""
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import torch
 
 from . import checkpointing, weights
@@ -14,7 +17,9 @@ from . import run_history
 from .checkpointing import Checkpoint
 from .config import TrainConfig
 from .optimizer import load_optimizer_state, resume_schedule
-from .parallel import Ranks, WrappedModel, load_full_model_state, restore_rng_states
+from .devices import to_device
+from .parallel import (Ranks, WrappedModel, all_reduce_sum, finish_process_group, load_full_model_state,
+                       restore_rng_states)
 from .token_data import TokenBatches
 
 
@@ -44,6 +49,7 @@ class Training:
     preemption: object = None     # preemption.Preemption: SIGTERM's flag; None in a preflight
     resumed_session: dict | None = None   # the checkpoint's half-done sums, for the metrics once they exist
     saved_model_state: dict | None = None  # the newest checkpoint's full weights (rank 0), for its benchmarks
+    mirror: object = None         # mirror.CheckpointMirror on global rank 0 when train.json names one
     run_lock: object = None       # global rank 0's hold on the run directory (safe_files.lock_run)
     metrics: object = None        # metrics.MetricsLog on every rank of a real run; None in a preflight
     benchmarks: object = None     # benchmark_scores.InTrainingBenchmarks when train.json has benchmark_tasks
@@ -148,11 +154,15 @@ def save(training: Training, step: int, result, losses: dict, is_best: bool, low
                                          None if result.grad_norm is None else result.grad_norm.item())
     # The later original writes scaler.pt only with its fp16 scaler; the first one always.
     keep_scaler = training.scaler.is_enabled() or training.config.dialect == "bf269c6"
-    return checkpointing.save_checkpoint(
+    saved = checkpointing.save_checkpoint(
         training.checkpoints_dir, model_state=model_state, optimizer_state=optimizer_state,
         scaler_state=training.scaler.state_dict() if keep_scaler else None, rng_state=rng_state, meta=meta,
         scheduler_state=None if training.scheduler is None else training.scheduler.state_dict(),
-        keep=training.config.keep_checkpoints, model_config=training.model_config).name
+        keep=training.config.keep_checkpoints, model_config=training.model_config)
+    if training.mirror is not None:   # copied off the machine in the background (support/mirror.py)
+        best = checkpointing.link_target(training.checkpoints_dir, "best")
+        training.mirror.hand_over(saved.path, best.name if best else None)
+    return saved.name
 
 
 def roll_back(training: Training, spike_step: int) -> tuple[Checkpoint, list]:
@@ -193,3 +203,46 @@ class StepResult:
     nonfinite: torch.Tensor | None = None          # 1.0 where the loss or gradient norm was not finite (skipped)
     nonfinite_what: torch.Tensor | None = None     # which: 1 the loss, 2 the gradient norm, 3 both
     stop: bool = False                             # SIGTERM reached a rank a step ago: stop after this one
+
+
+def rolling_back(training: Training, spike: int) -> bool:
+    """Whether a spike at step `spike` rolls the run back: asked for, rollbacks left, and a
+    checkpoint before it to go back to."""
+    config = training.config
+    return (config.on_loss_spike == "rollback" and training.rollbacks < config.max_rollbacks
+            and any(c.global_step < spike for c in checkpointing.list_checkpoints(training.checkpoints_dir)))
+
+
+@torch.inference_mode()
+def validation_loss(training: Training) -> float:
+    """Mean loss over validation batches 0..n-1, the original's number, with each rank
+    computing a share (batches rank, rank + W, ...) and one all-reduce joining them."""
+    model, ranks, batches = training.model, training.ranks, training.val_batches
+    model.evaluation.eval()
+    losses = torch.zeros(len(batches), device=training.device)
+    # Every rank runs the same number of forward passes: under FSDP each one all-gathers
+    # the weights with every other rank, so a rank with one batch fewer would hang the
+    # rest. The last round's spare ranks recompute batch 0 and drop the result.
+    for first in range(0, len(batches), ranks.world_size):
+        index = first + ranks.rank
+        inputs, targets = to_device(batches[index if index < len(batches) else 0], training.device)
+        with model.autocast:
+            loss = model.evaluation(inputs, targets=targets)
+        if index < len(batches):
+            losses[index] = loss
+    all_reduce_sum(losses, ranks)  # each entry is non-zero on one rank only: sums are exact
+    model.evaluation.train()
+    # Added up in batch order in Python floats, as the original did batch by batch.
+    return sum(losses.tolist()) / len(batches)
+
+
+def wait_for_the_mirror(training: Training) -> None:
+    """Global rank 0: the copies still under way finished; a checkpoint that did not get
+    to the mirror is one line and a non-zero exit, once the other ranks are done."""
+    if training.mirror is None:
+        return
+    missing = training.mirror.wait()
+    if missing:
+        finish_process_group(training.ranks)
+        raise click.ClickException(f"{len(missing)} checkpoint(s) did not get to the mirror "
+                                   f"{training.config.checkpoint_mirror}: {', '.join(missing)}")

@@ -8,6 +8,7 @@ bytes: a copy that is not byte-exact or not complete fails.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from servers.hub import HubServer
 from support import mirror, mirror_targets
@@ -455,3 +457,37 @@ def test_a_failing_hub_gives_one_warning_per_try_and_names_what_did_not_get_ther
     # Given up: the snapshots are gone, and the checkpoints are where they were.
     assert visible(checkpoints_dir / mirror_targets.QUEUE_DIR) == set()
     assert all((checkpoint / "model.safetensors").is_file() for checkpoint in checkpoints)
+
+
+# --- through ddp_train.py: a machine whose checkpoints are gone resumes from the mirror ---
+
+@pytest.mark.parametrize("kind", ["directory", "hub"])
+def test_a_run_whose_checkpoints_are_gone_resumes_from_its_mirror_bit_for_bit(kind, tmp_path, datasets_dir):
+    from contextlib import nullcontext
+
+    from helpers import MODEL, TRAIN, final_weights, latest, make_run, run_training
+
+    with HubServer(tmp_path / "hub", token=TOKEN) if kind == "hub" else nullcontext() as hub:
+        target = "hf://me/run" if hub else str(tmp_path / "mirror")
+        storage = tmp_path / "hub" / "models" / "me" / "run" if hub else tmp_path / "mirror"
+        env = hub_env(hub, tmp_path) if hub else None
+        # 4 steps, checkpoints at 0, 2 and 3, each copied to the mirror as it is written.
+        train = {**TRAIN, "checkpoint_mirror": target}
+        first = make_run(tmp_path / "first", MODEL, train)
+        result = run_training(first, datasets_dir, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        names = sorted(name for name in visible(storage) if name != mirror_targets.LINKS_FILE)
+        assert [name.rsplit("-", 1)[1] for name in names] == ["0", "2", "3"]
+        assert files_of(storage / names[-1]) == files_of(latest(first).path) | {
+            mirror_targets.MANIFEST_FILE: (storage / names[-1] / mirror_targets.MANIFEST_FILE).read_bytes()}
+        # The machine went before step 3's copy was complete: the mirror's newest is step 2.
+        shutil.rmtree(storage / names[-1])
+        links = json.loads((storage / mirror_targets.LINKS_FILE).read_text())
+        (storage / mirror_targets.LINKS_FILE).write_text(json.dumps({**links, "latest": names[1]}))
+        # A fresh machine: the run's configs, no checkpoints.
+        fresh = make_run(tmp_path / "fresh", MODEL, train)
+        result = run_training(fresh, datasets_dir, "auto", env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+        assert f"resuming from {names[1]} at step 3" in result.stdout, result.stdout
+        for key, tensor in final_weights(first).items():
+            assert torch.equal(final_weights(fresh)[key], tensor), key

@@ -79,9 +79,10 @@ REPO_ID = r"(?P<repo>[\w.-]+/[\w.-]+)"
 
 
 class HubError(Exception):
-    def __init__(self, status, code, message, headers=None):
+    def __init__(self, status, code, message, headers=None, body=None):
         super().__init__(message)
         self.status, self.code, self.headers = status, code, headers or {}
+        self.body = body or {}   # more of the JSON answer, as the Hub's own errors carry
 
 
 class HubServer(LocalServer):
@@ -289,7 +290,8 @@ def create_repo(hub, request, match):
     directory = hub.root / f"{payload.get('type') or 'model'}s" / repo_id
     with hub.lock:
         if directory.is_dir():
-            raise HubError(409, "", "You already created this model repo")
+            # The Hub's answer names the repo too, and huggingface_hub's create_repo(exist_ok=True) reads it.
+            raise HubError(409, "", "You already created this model repo", body={"url": f"{hub.url}/{repo_id}"})
         directory.mkdir(parents=True)
         hub.private[repo_id] = payload.get("visibility") == "private" or payload.get("private") is True
     request.send_json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
@@ -487,7 +489,7 @@ def _handler_class(hub):
                            **error.headers}
                 if error.code:
                     headers["X-Error-Code"] = error.code
-                self.send_bytes_response(error.status, json.dumps({"error": str(error)}).encode(),
+                self.send_bytes_response(error.status, json.dumps({"error": str(error), **error.body}).encode(),
                                          headers)
 
         do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = dispatch
