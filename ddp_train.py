@@ -55,7 +55,7 @@ def main(run, datasets_dir, checkpoint, device_name, preflight_run, preflight_st
     checking = preflight_run or find_microbatch
     resume_command = relaunch_command(["ddp_train.py", run, str(datasets_dir), "auto"]
                                       + (["--device", device_name] if device_name else []))
-    resume_hint = None if checking else f"resume from the newest checkpoint with\n  {resume_command}"
+    resume_hint = None if checking else f"resume from the newest checkpoint with: {resume_command}"
     with one_line_per_failure(ranks, interrupted_hint=resume_hint):
         if checking:
             check_before_training(run, datasets_dir, checkpoint, device_name, ranks, find_microbatch,

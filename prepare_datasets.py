@@ -290,6 +290,11 @@ def prepare(input_dataset_dir, output_dataset_dir, files_pattern, text_column, w
             writers[split] = TokenFileWriter(final_paths[split])
         total_tokens = tokenize_corpus(files, text_column, writers, train_documents,
                                        total_documents, workers, batch_documents)
+        if total_tokens == total_documents:
+            # Each document is its tokens and one <|endoftext|>: these had no text at all.
+            raise PrepareError(f"every one of the {total_documents:,} documents of {files_pattern} is empty "
+                               f"(column '{text_column}'): nothing written; is --text-column the column "
+                               f"of the texts?")
         for writer in writers.values():
             writer.finish()
         for writer in writers.values():

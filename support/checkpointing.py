@@ -284,7 +284,33 @@ def checkpoint_meta(training, step: int, losses: dict, is_best: bool, learning_r
         "skipped_steps": training.skipped_steps,
         # A resume point written at a SIGTERM (support/preemption.py): no validation, never best.
         "preempted": losses["train_loss"] is None,
+        # train.json's optimisation settings, so that a resume can say which of them changed.
+        "optimisation": {key: getattr(config, key) for key in OPTIMISATION_KEYS},
     }
+
+
+# The settings a resumed run may change, but should be told it did (learning rate and
+# schedule, decay, clipping, accumulation's share of the loss, the balancing loss).
+OPTIMISATION_KEYS = ("learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "min_learning_rate",
+                     "warmup_percent", "grad_clip", "moe_balance_loss_weight")
+# What the later original's dialect calls them, where the name differs.
+C894ED0_NAMES = {"grad_clip": "clipping_max_norm", "warmup_percent": "warmup_period_percent",
+                 "lr_schedule": "schedule_learning_rate"}
+
+
+def changed_settings(checkpoint: "Checkpoint", config) -> list[str]:
+    """A note line for each optimisation setting of train.json that is not what the
+    checkpoint was trained with (checkpoints from before this was recorded say nothing)."""
+    recorded = checkpoint.meta.get("optimisation")
+    if not isinstance(recorded, dict):
+        return []
+    lines = []
+    for key in OPTIMISATION_KEYS:
+        if key in recorded and recorded[key] != getattr(config, key):
+            name = C894ED0_NAMES.get(key, key) if config.dialect == "c894ed0" else key
+            lines.append(f"note: train.json's {name} is now {json.dumps(getattr(config, key))}; {checkpoint.name} "
+                         f"was trained with {json.dumps(recorded[key])}: going on with the new value")
+    return lines
 
 
 # The later original's meta.json keys between learning_rate and global_step, in its order.

@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import string
 import time
 from pathlib import Path
@@ -444,10 +445,12 @@ def open_sinks_on_main_rank(training, checkpoint_names: dict):
     config, run_dir, resumed_from = training.config, training.run_dir, training.resumed_from
     resume_step = None if resumed_from is None else resumed_from.global_step
     sinks = []
-    if config.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
+    # W&B first, the one most likely to fail (a login, a network), and it cleans up after
+    # itself; TensorBoard's directory, made new, goes again if its start fails.
     if config.wandb_project is not None:
         sinks.append(WandbSink(start_wandb(run_dir, config, training.model_config)))
+    if config.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
     path = run_dir / METRICS_FILE
     notes, kept = prepare_metrics_file(path, resumed_from, training.history, checkpoint_names)
     trained = [row for row in kept if row.get("kind") == "train" and "elapsed_seconds" in row]
@@ -457,11 +460,16 @@ def open_sinks_on_main_rank(training, checkpoint_names: dict):
 
 def prepare_metrics_file(path: Path, resumed_from, history, checkpoint_names: dict) -> tuple[list[str], list[dict]]:
     """Make metrics.jsonl hold the rows up to the checkpoint this session resumes from (none
-    for a fresh start); returns the lines to print and the rows kept."""
+    for a fresh start); returns the lines to print and the rows kept.
+
+    A crash leaves a torn last line: it is dropped, and every readable row kept. Lines that
+    do not parse elsewhere (garbage) are dropped too, the file as it was kept beside it,
+    and a checkpoint whose row went with them gets it back from the checkpoints' history:
+    only what is truly gone is rebuilt."""
     notes = []
     resume_step = None if resumed_from is None else resumed_from.global_step
     rows, bad_lines = read_metrics(path)
-    if resume_step is None and any(row.get("kind") == "validation" for row in rows):
+    if resume_step is None and any(row.get("kind") in ("validation", "checkpoint") for row in rows):
         # A fresh start beside the log of a run whose checkpoints were moved away:
         # that log goes with them, so keep it, aside. (Rows of a session that crashed
         # before its first checkpoint are simply dropped below.)
@@ -470,12 +478,18 @@ def prepare_metrics_file(path: Path, resumed_from, history, checkpoint_names: di
         notes.append(f"{path}: kept the earlier run's log as {aside.name}")
         rows, bad_lines = [], []
     elif bad_lines:
-        aside = path.with_name(f"{METRICS_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        os.replace(path, aside)
-        notes.append(f"warning: {path} line {bad_lines[0]} is not a metrics row"
-                     f"{f' ({len(bad_lines)} such lines)' if len(bad_lines) > 1 else ''}: rewritten "
-                     f"from the checkpoints' history, the old file kept as {aside.name}")
-        rows = history_rows(history, checkpoint_names)
+        torn = bad_lines == [last_line_number(path)]
+        if not torn:
+            aside = path.with_name(f"{METRICS_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            shutil.copyfile(path, aside)
+        notes.append(f"warning: {path} line {bad_lines[0]} "
+                     + ("(the last) was torn by a crash: dropped, every other row kept" if torn else
+                        f"is not a metrics row{f' ({len(bad_lines)} such lines)' if len(bad_lines) > 1 else ''}: "
+                        f"dropped, the readable rows kept and the checkpoints' rows restored from their "
+                        f"history, the old file kept as {aside.name}"))
+        logged = {row["step"] for row in rows if row.get("kind") in ("validation", "checkpoint")}
+        rows = sorted(rows + history_rows([point for point in history if point["global_step"] not in logged],
+                                          checkpoint_names), key=lambda row: row["step"])
     kept = [row for row in rows if resume_step is not None and row["step"] <= resume_step]
     if resume_step is not None and history and history[-1]["global_step"] == resume_step and not any(
             row.get("kind") in ("validation", "checkpoint") and row["step"] == resume_step for row in kept):
@@ -484,6 +498,16 @@ def prepare_metrics_file(path: Path, resumed_from, history, checkpoint_names: di
     if kept != rows or bad_lines or (kept and not path.exists()):
         safe_files.write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
     return notes, kept
+
+
+def last_line_number(path: Path) -> int:
+    """The number (1-based, as read_metrics counts) of the file's last line that is not blank."""
+    number = 0
+    with open(path, "rb") as file:
+        for index, line in enumerate(file, start=1):
+            if line.strip():
+                number = index
+    return number
 
 
 def history_rows(history, checkpoint_names: dict) -> list[dict]:
@@ -505,18 +529,21 @@ def start_wandb(run_dir: Path, config, model_config: dict):
     """A W&B run that a restart continues: its id is kept in runs/RUN/wandb-run-id."""
     import wandb
 
-    id_file = run_dir / WANDB_ID_FILE
+    id_file, wandb_dir = run_dir / WANDB_ID_FILE, run_dir / "wandb"
     run_id = id_file.read_text().strip() if id_file.exists() else None
-    if not run_id:
-        # W&B's own form of id: 8 lowercase letters and digits.
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        safe_files.write_atomically(id_file, run_id + "\n")
+    new_id, new_dir = not run_id, not wandb_dir.exists()
+    # W&B's own form of id: 8 lowercase letters and digits; kept only once the run started.
+    run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     try:
         run = wandb.init(project=config.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
                          name=run_dir.name, config={"model": model_config, "train": dataclasses.asdict(config)})
     except Exception as error:  # not logged in, no network, a bad project name...
+        if new_dir:   # nothing written into the run directory by a start that failed
+            shutil.rmtree(wandb_dir, ignore_errors=True)
         raise MetricsError(f"W&B project {config.wandb_project!r}: {safe_files.first_line(error)} "
                            f"(WANDB_MODE=offline logs to {run_dir / 'wandb'} without a network)") from None
+    if new_id:
+        safe_files.write_atomically(id_file, run_id + "\n")
     # Our step is the x-axis: W&B's own step only ever grows, and a resumed run logs
     # steps again from its checkpoint on.
     run.define_metric("global_step")

@@ -113,6 +113,9 @@ def resume(training: Training, checkpoint: Checkpoint, say=print) -> None:
         resume_schedule(training.optimizer, training.scheduler, state.scheduler_state, training.start_step)
     training.best_loss = run_history.best_loss(training.checkpoints_dir, training.best_key)
     training.history = run_history.run_history(training.checkpoints_dir, resuming_from=checkpoint)
+    if ranks.is_main:
+        for line in checkpointing.changed_settings(checkpoint, training.config):
+            say(line)
     training.skipped_steps = [list(pair) for pair in checkpoint.meta.get("skipped_steps", [])]
     training.rollbacks = checkpoint.meta.get("rollbacks", 0)
     training.health.skipped.fill_(checkpoint.meta.get("nonfinite_steps", 0))

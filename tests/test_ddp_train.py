@@ -325,3 +325,17 @@ def test_run_name_or_path(tmp_path, monkeypatch):
     assert checkpointing.find_run_dir(runs_dir, "somewhere") == Path("somewhere")
     example = next(path for path in (PROJECT_ROOT / "runs").iterdir() if path.is_dir())
     assert checkpointing.find_run_dir(runs_dir, example.name) == example
+
+
+def test_a_resume_says_which_optimisation_setting_changed(full_run, tmp_path, datasets_dir):
+    run_dir, _ = full_run
+    resumed = helpers.copy_run_up_to(run_dir, tmp_path / "resumed", step=6,
+                                     train={**TRAIN, "learning_rate": 0.02, "grad_clip": 1.0})
+    middle = checkpointing.link_target(resumed / "checkpoints", "latest").name
+    result = run_training(resumed, datasets_dir, "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: train.json's")]
+    assert notes == [f"note: train.json's learning_rate is now 0.02; {middle} was trained with 0.01: going on "
+                     f"with the new value",
+                     f"note: train.json's grad_clip is now 1.0; {middle} was trained with 0.5: going on with "
+                     f"the new value"], result.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MODEL, TRAIN, copy_run_up_to, make_run, metrics_rows, one_line_error, run_training
+from helpers import MODEL, TRAIN, copy_run_up_to, latest, make_run, metrics_rows, one_line_error, run_training
 from support.metrics import METRICS_FILE, WANDB_ID_FILE
 
 # 2 ranks x 2 micro-steps x 2 sequences x 16 tokens = 128 tokens a global step: 768
@@ -118,12 +118,37 @@ def test_a_garbage_line_is_reported_and_the_log_rebuilt(logged_run, tmp_path, da
     result = run_training(run_dir, datasets_dir, "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{run_dir / METRICS_FILE} line 3 is not a metrics row" in result.stdout
-    # Nothing lost: the old file is kept beside the new one, which holds the
-    # checkpoints' history and this session's rows.
+    # Nothing lost but the garbage (step 3's training row): the old file is kept beside the
+    # new one, which keeps every readable row.
     [aside] = [name for name in os.listdir(run_dir) if name.startswith(f"{METRICS_FILE}.corrupt-")]
     assert (run_dir / aside).read_text() == "".join(lines)
-    assert [(row["kind"], row["step"]) for row in metrics_rows(run_dir)] == [
-        ("validation", 0), ("validation", 4), ("train", 5), ("validation", 5)]
+    expected = metrics_rows(logged_run, comparable=True)
+    assert metrics_rows(run_dir, comparable=True) == expected[:2] + expected[3:]
+
+    # A garbage line where a checkpoint's row was: that row comes back from the history.
+    lines = (run_dir / METRICS_FILE).read_text().splitlines(keepends=True)
+    assert json.loads(lines[1])["kind"] == "validation"
+    lines[1] = "garbage\n"
+    (run_dir / METRICS_FILE).write_text("".join(lines))
+    shutil.rmtree(latest(run_dir).path)   # resume from step 4 again
+    os.unlink(run_dir / "checkpoints" / "latest")
+    assert run_training(run_dir, datasets_dir, "auto").returncode == 0
+    rebuilt = metrics_rows(run_dir, comparable=True)
+    assert [(row["kind"], row["step"]) for row in rebuilt][:2] == [("train", 0), ("validation", 0)]
+    assert rebuilt[1]["val_loss"] == expected[1]["val_loss"]
+
+
+def test_a_torn_last_line_costs_only_that_line(logged_run, tmp_path, datasets_dir):
+    # The normal shape of a crash: the last row half-written. Resumed, the log keeps every
+    # readable row, and ends as the uninterrupted run's.
+    run_dir = copy_run_up_to(logged_run, tmp_path / "torn", step=4, train={**LOGGED, "wandb_project": None})
+    text = (run_dir / METRICS_FILE).read_text()
+    (run_dir / METRICS_FILE).write_text(text + '{"kind": "train", "step": 5, "lo')
+    result = run_training(run_dir, datasets_dir, "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "was torn by a crash: dropped, every other row kept" in result.stdout
+    assert not any(name.startswith(f"{METRICS_FILE}.corrupt-") for name in os.listdir(run_dir))
+    assert metrics_rows(run_dir, comparable=True) == metrics_rows(logged_run, comparable=True)
 
 
 def test_a_fresh_start_keeps_an_earlier_log_aside(logged_run, tmp_path, datasets_dir):
@@ -167,3 +192,15 @@ def test_a_tensorboard_directory_that_cant_be_made_is_one_line(tmp_path, dataset
     one_line_error(result, f"{run_dir / 'tensorboard'}: can't create the TensorBoard directory")
     assert not (run_dir / "checkpoints").exists() and not (run_dir / METRICS_FILE).exists()
 
+
+
+def test_a_wandb_start_that_fails_leaves_the_run_directory_as_it_was(tmp_path, datasets_dir):
+    # Online, with no API key and no terminal to ask for one: W&B refuses to start.
+    run_dir = make_run(tmp_path / "run", MODEL, {**TRAIN, "wandb_project": "tests", "tensorboard": True})
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": None, "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+           "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")}
+    result = run_training(run_dir, datasets_dir, nproc=None, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "W&B project 'tests': " in result.stderr.strip().splitlines()[-1]
+    # No wandb-run-id, no wandb/, no tensorboard/ (the run's lock file is there from before the loggers).
+    assert sorted(os.listdir(run_dir)) == [".training.lock", "model.json", "train.json"]

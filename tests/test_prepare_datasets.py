@@ -304,6 +304,15 @@ def test_bad_input_ends_in_one_line_naming_the_culprit(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "Error: the 1 file(s) matching sample/10BT/*.parquet hold no documents"
 
+    # Texts that are all empty (a column of blanks, say): no dataset of end-of-text tokens alone.
+    pq.write_table(pa.table({"text": [""] * 300}), folder / "a.parquet")
+    result = invoke(tmp_path / "in", tmp_path / "out", "--workers", 1)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: every one of the 300 documents of sample/10BT/*.parquet is empty (column 'text'): nothing "
+        "written; is --text-column the column of the texts?")
+    assert not (tmp_path / "out").exists()
+
     pq.write_table(pa.table({"text": ["fine", "also fine", None]}), folder / "a.parquet")
     result = invoke(tmp_path / "in", tmp_path / "out", "--workers", 1)
     assert result.returncode == 1

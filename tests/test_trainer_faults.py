@@ -111,7 +111,8 @@ def test_ctrl_c_says_how_to_resume_with_the_command_that_was_run(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "Traceback" not in stderr
-    assert f"uv run python ddp_train.py {run_dir} {datasets} auto --device cpu" in stderr
+    hint = f"interrupted: resume from the newest checkpoint with: uv run python ddp_train.py {run_dir} {datasets} auto --device cpu"
+    assert hint in stderr.splitlines()   # one line
     assert "\r" not in stderr  # no progress bar when stderr is a pipe: plain lines
 
 

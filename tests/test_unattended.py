@@ -137,3 +137,14 @@ def test_ranks_die_with_their_launcher(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert latest(run_dir).global_step == 399
     assert not [entry for entry in (run_dir / "checkpoints").iterdir() if entry.name.startswith(".")]
+
+
+def test_a_mistake_no_restart_can_fix_is_said_once(tmp_path, datasets_dir):
+    # torchrun --max-restarts=2 runs the job three times; the same mistake each time is
+    # one line, from the first attempt.
+    run_dir = make_run(tmp_path / "run", MODEL, {**TRAIN, "minibatch_size": 0})
+    result = run_training(run_dir, datasets_dir, "auto", torchrun_options=["--max-restarts=2"])
+    assert result.returncode == 1
+    mistakes = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert mistakes == [f"Error: {run_dir / 'train.json'}: key 'minibatch_size' must be an integer >= 1, got 0"]
+    assert "attempt_2" in result.stderr   # three attempts, as torchrun was told
