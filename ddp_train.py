@@ -170,7 +170,8 @@ def set_up(run, datasets_dir: Path, checkpoint_name, device_name, ranks: Ranks, 
                      f"checkpoint_interval checkpoints without validation, as the original at c894ed0")
     if not read_only:
         checkpoint_names = {c.global_step: c.name for c in checkpointing.list_checkpoints(training.checkpoints_dir)}
-        training.metrics, notes = start_metrics(training, checkpoint_names)
+        training.metrics, metrics_notes = start_metrics(training, checkpoint_names)
+        notes += metrics_notes
         if training.resumed_session is not None:
             training.metrics.load_state(training.resumed_session["metrics"])
         training.preemption = Preemption(device, config.preemption_grace_seconds)

@@ -25,6 +25,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from naive_gpt import NaiveGPTModel  # noqa: E402
 
 
+# Every set of train.json keys among the 36 runs/ of the original at c894ed0 (the values of
+# the keys are ours): tests/test_config.py loads each at its size, tests/test_c894ed0.py
+# trains each at a CPU's. C894ED0 is what all of them have.
+C894ED0 = dict(dataset="gpjt/fineweb-gpt2-tokens", min_train_tokens=3_260_190_720, start_train_token=0,
+               start_val_token=50_000_000, microbatch_size=13, checkpoint_interval=1000)
+C894ED0_TRAIN_KEY_SETS = [
+    (),
+    ("weight_decay",),
+    ("gradient_accumulation_steps",),
+    ("use_amp",),
+    ("learning_rate",),
+    ("clipping_max_norm",),
+    ("learning_rate", "schedule_learning_rate", "warmup_period_percent"),
+    ("schedule_learning_rate", "warmup_period_percent", "weight_decay"),
+    ("learning_rate", "schedule_learning_rate", "warmup_period_percent", "weight_decay"),
+    ("clipping_max_norm", "learning_rate", "schedule_learning_rate", "warmup_period_percent"),
+    ("clipping_max_norm", "learning_rate", "schedule_learning_rate", "warmup_period_percent", "weight_decay"),
+    ("clipping_max_norm", "gradient_accumulation_steps", "learning_rate", "schedule_learning_rate",
+     "warmup_period_percent", "weight_decay"),
+    ("clipping_max_norm", "gradient_accumulation_steps", "learning_rate", "schedule_learning_rate", "use_amp",
+     "warmup_period_percent"),
+]
+C894ED0_VALUES = dict(weight_decay=0.05, gradient_accumulation_steps=4, use_amp=False, learning_rate=0.0014,
+                      clipping_max_norm=1.0, schedule_learning_rate=True, warmup_period_percent=5)
+# The five runs that kept bf269c6's validation keys (they crash in the original itself).
+C894ED0_LEGACY = {**{key: value for key, value in C894ED0.items() if key != "checkpoint_interval"},
+                  "validation_interval": 100, "validation_batches": 100}
+
+
 def scheduled_learning_rate(step, total_steps, peak, warmup_percent):
     """The original's LinearLR-then-cosine schedule in closed form (section 1.3)."""
     warmup = (total_steps * warmup_percent) // 100

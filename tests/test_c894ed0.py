@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from gpt import GPTModel, generate
 from helpers import MODEL, SMOKE_SEPARATOR, latest, make_run, run_script, run_training
-from original_c894ed0 import original_training, save_like_the_original
-from support import checkpointing, tokenizer
+from original_c894ed0 import (C894ED0, C894ED0_LEGACY, C894ED0_TRAIN_KEY_SETS, C894ED0_VALUES, original_training,
+                              save_like_the_original)
+from support import checkpointing, devices, tokenizer
 
 DENSE = {**MODEL, "drop_rate": 0.0}
 # 2 ranks x 2 sequences x 16 tokens = 64 tokens a global step: 4 steps, checkpoints at 0, 2 and 3.
@@ -35,7 +36,9 @@ CASES = {
     "accumulation 2": (DENSE, {**NO_AMP, "min_train_tokens": 512, "gradient_accumulation_steps": 2}),
     "moe": ({**DENSE, "moe": {"num_experts": 4, "num_active_experts": 2, "log_moe_balance_file": "moe.jsonl"}},
             {**NO_AMP, "learning_rate": 0.01, "clipping_max_norm": 1.0}),
-    "random_seed": (DENSE, {**NO_AMP, "random_seed": 67, "weight_decay": 0.0}),
+    # With validation keys beside checkpoint_interval (not among the original's runs): unused, as there.
+    "random_seed": (DENSE, {**NO_AMP, "random_seed": 67, "weight_decay": 0.0, "validation_interval": 3,
+                            "validation_batches": 2}),
     # Ours in that dialect: the tied mixture of experts sharded by FSDP2, its blocks recomputed.
     "tied moe, fsdp, activation checkpointing": (
         {**DENSE, "tie_weights": True, "moe": {"num_experts": 4, "num_active_experts": 2}},
@@ -98,6 +101,8 @@ def test_meta_json_keys_and_files_are_the_originals(trained_pair):
                                "max_grad_norms", "avg_grad_norms", "frac_clipped", "moe_routing_weights",
                                "moe_routing_topk_weights", "global_step", "is_best"]
     assert "val_loss" not in meta and meta["seed"] == CASES[case][1].get("random_seed", 42)
+    unused = "validation_interval and validation_batches not used: checkpoint_interval checkpoints without validation"
+    assert (unused in result.stdout) == ("validation_interval" in CASES[case][1]), result.stdout
     files = sorted(path.name for path in latest(run_dir).path.iterdir())
     scheduled = CASES[case][1].get("schedule_learning_rate", False)
     # No scaler without AMP, as the original; its schedule's state where it schedules.
@@ -194,6 +199,42 @@ def test_an_original_amp_checkpoint_resumes_with_its_scaler(tmp_path, train_spli
     assert saved["growth_interval"] == 7 and saved["scale"] <= 1024.0
     # best by the window average: the original's 4.1 is what the next checkpoint had to beat.
     assert latest(run_dir).meta["is_best"] == (latest(run_dir).meta["avg_train_loss"] < 4.1)
+
+
+# --- every key set of the original's runs/, trained as it stands ---
+
+# CPU-sized: the original's values where they fit, 8 (accumulation: 2) global steps of one
+# process; the checkpoint interval (1000) gives checkpoints at step 0 and the last.
+CPU_SIZED = {"dataset": "toy", "min_train_tokens": 256, "microbatch_size": 2}
+KEY_SETS = {"+".join(keys) or "required only": {**C894ED0, **CPU_SIZED, **{k: C894ED0_VALUES[k] for k in keys}}
+            for keys in C894ED0_TRAIN_KEY_SETS}
+KEY_SETS["the five legacy runs"] = {**C894ED0_LEGACY, **CPU_SIZED, "validation_interval": 3, "validation_batches": 2,
+                                    "start_val_token": 0}
+
+
+@pytest.mark.parametrize("case", KEY_SETS)
+def test_every_key_set_of_the_originals_runs_trains_here(case, tmp_path, datasets_dir):
+    train = KEY_SETS[case]
+    run_dir = make_run(tmp_path / "run", DENSE, train)
+    result = run_training(run_dir, datasets_dir, nproc=None)   # the machine's defaults: no dtype, no seed
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = 256 // (2 * 16 * train.get("gradient_accumulation_steps", 1))
+    checkpoints = checkpointing.list_checkpoints(run_dir / "checkpoints")
+    expected = list(range(0, steps, 3)) + ([steps - 1] if (steps - 1) % 3 else []) if "legacy" in case else [0, steps - 1]
+    assert [c.global_step for c in checkpoints] == expected
+    meta = latest(run_dir).meta
+    validates = "legacy" in case
+    # The later original's meta.json keys in every one; the legacy runs validate too.
+    assert ("val_loss" in meta) == validates and "avg_train_loss" in meta and meta["seed"] == 42
+    if "use_amp" in train:   # false in every run that has it: fp32
+        assert meta["dtype"] == "fp32" and "use_amp" not in result.stdout
+    else:   # the original's fp16 with a GradScaler is a GPU's: here the CPU's own precision, said in one line
+        assert meta["dtype"] == devices.default_dtype_name(torch.device("cpu"))
+        assert (f'note: {run_dir / "train.json"}: "use_amp": true means fp16 autocast with a GradScaler on a GPU; '
+                f'on cpu this run trains in {meta["dtype"]} instead') in result.stdout
+    files = {path.name for path in latest(run_dir).path.iterdir()}
+    assert ("scheduler.pt" in files) == ("schedule_learning_rate" in train) and "scaler.pt" not in files
+    assert "not used: checkpoint_interval" not in result.stdout
 
 
 # --- the original's c894ed0 checkpoints in the other scripts ---

@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from original_c894ed0 import C894ED0, C894ED0_TRAIN_KEY_SETS, C894ED0_VALUES
 from support.config import ConfigError, load_model_config, load_train_config
 
 GOOD_MODEL = dict(vocab_size=50257, emb_dim=768, context_length=1024, n_heads=12, n_layers=12,
@@ -97,31 +98,6 @@ def test_train_config_errors_name_file_key_and_value(tmp_path, change, fragment)
 
 
 # --- the later original's dialect (c894ed0: microbatch_size) ---
-
-# Every set of train.json keys among the 36 runs/ of the original at c894ed0, with values
-# of our own (tests/test_c894ed0.py trains configs like these and checks their numbers).
-C894ED0 = dict(dataset="gpjt/fineweb-gpt2-tokens", min_train_tokens=3_260_190_720, start_train_token=0,
-               start_val_token=50_000_000, microbatch_size=13, checkpoint_interval=1000)
-C894ED0_TRAIN_KEY_SETS = [
-    (),
-    ("weight_decay",),
-    ("gradient_accumulation_steps",),
-    ("use_amp",),
-    ("learning_rate",),
-    ("clipping_max_norm",),
-    ("learning_rate", "schedule_learning_rate", "warmup_period_percent"),
-    ("schedule_learning_rate", "warmup_period_percent", "weight_decay"),
-    ("learning_rate", "schedule_learning_rate", "warmup_period_percent", "weight_decay"),
-    ("clipping_max_norm", "learning_rate", "schedule_learning_rate", "warmup_period_percent"),
-    ("clipping_max_norm", "learning_rate", "schedule_learning_rate", "warmup_period_percent", "weight_decay"),
-    ("clipping_max_norm", "gradient_accumulation_steps", "learning_rate", "schedule_learning_rate",
-     "warmup_period_percent", "weight_decay"),
-    ("clipping_max_norm", "gradient_accumulation_steps", "learning_rate", "schedule_learning_rate", "use_amp",
-     "warmup_period_percent"),
-]
-C894ED0_VALUES = dict(weight_decay=0.05, gradient_accumulation_steps=4, use_amp=False, learning_rate=0.0014,
-                      clipping_max_norm=1.0, schedule_learning_rate=True, warmup_period_percent=5)
-
 
 @pytest.mark.parametrize("keys", C894ED0_TRAIN_KEY_SETS, ids=lambda keys: "+".join(keys) or "required only")
 def test_every_key_set_of_the_originals_runs_means_what_it_meant_there(keys, tmp_path):
