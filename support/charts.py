@@ -8,8 +8,8 @@
   with the clip threshold and the share of clipped steps, and tokens/s with MFU. It is a
   look at the run, not an analysis tool: TensorBoard and W&B get the same rows.
 
-ddp_train.py redraws both after every checkpoint (redraw_charts); chart.py RUN_DIR
-redraws them by hand.
+ddp_train.py redraws them after every checkpoint, on a thread of global rank 0
+(progress.ChartDrawer); chart.py RUN_DIR redraws them by hand (redraw_charts).
 
 Headless (matplotlib's Agg canvas, no display needed). xkcd style, as the original,
 when an xkcd font is installed (setup_lambda.sh installs one); plain otherwise,
@@ -514,15 +514,15 @@ class Redrawn(NamedTuple):
     bad_metrics_lines: list  # metrics.jsonl's unreadable line numbers (1-based), skipped
 
 
-def redraw_charts(run_dir, history, best_step, grad_clip=None) -> Redrawn:
+def redraw_charts(run_dir, history, best_step, grad_clip=None, metrics_end=None) -> Redrawn:
     """Redraw a run's charts: the loss chart from history (checkpoint points as in
     meta.json, best_step as draw_loss_chart takes it) and, when run_dir holds a
-    metrics.jsonl with rows, the metrics chart from it. Lines of metrics.jsonl that do
-    not parse are skipped and returned, for the caller to report as it sees fit.
+    metrics.jsonl with rows, the metrics chart from it (its first metrics_end bytes, when
+    given). Lines of metrics.jsonl that do not parse are skipped and returned, for the
+    caller to report as it sees fit.
 
-    ddp_train.py calls this on global rank 0 at every checkpoint, while the other ranks
-    wait at the next collective: it reads the whole log each time, which for 10,000 rows
-    is a small part of the drawing (docs/performance.md has the seconds)."""
+    It reads the whole log each time, which for 10,000 rows is a small part of the
+    drawing (docs/performance.md has the seconds)."""
     from .metrics import METRICS_FILE, read_metrics  # here: it imports torch, which --help must not wait for
 
     run_dir = Path(run_dir)
@@ -530,7 +530,7 @@ def redraw_charts(run_dir, history, best_step, grad_clip=None) -> Redrawn:
     if history:
         draw_loss_chart(history, best_step, run_dir / CHART_FILE)
         files.append(run_dir / CHART_FILE)
-    rows, bad_lines = read_metrics(run_dir / METRICS_FILE)
+    rows, bad_lines = read_metrics(run_dir / METRICS_FILE, metrics_end)
     if rows:
         draw_metrics_chart(rows, run_dir / METRICS_CHART_FILE, grad_clip)
         files.append(run_dir / METRICS_CHART_FILE)

@@ -47,15 +47,18 @@ from .parallel import all_reduce_sum, main_rank_first
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(path) -> tuple[list[dict], list[int]]:
+def read_metrics(path, end: int | None = None) -> tuple[list[dict], list[int]]:
     """The rows of a metrics file and the numbers (1-based) of lines that are not a JSON
-    object with an integer step (a torn last line after a crash, or garbage)."""
+    object with an integer step (a torn last line after a crash, or garbage). With `end`,
+    only the first `end` bytes, as they were when training asked for a chart: a line
+    still being written past them is no bad line, only one not read yet."""
     rows, bad_lines = [], []
     path = Path(path)
     if not path.exists():
         return rows, bad_lines
     with open(path, encoding="utf-8", errors="replace") as file:
-        for number, line in enumerate(file, start=1):
+        lines = file if end is None else _whole_lines(file.buffer.read(end).decode("utf-8", errors="replace"))
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -68,6 +71,11 @@ def read_metrics(path) -> tuple[list[dict], list[int]]:
                 continue
             rows.append(row)
     return rows, bad_lines
+
+
+def _whole_lines(text: str) -> list[str]:
+    lines = text.splitlines(keepends=True)
+    return lines[:-1] if lines and not lines[-1].endswith("\n") else lines
 
 
 class MetricsError(click.ClickException):
@@ -123,6 +131,9 @@ class StepMetrics:
         self.row_clipped = torch.zeros((), device=self.device)
         self.row_nonfinite = torch.zeros((), device=self.device)   # steps skipped: not finite
         self.row_steps = 0
+        # Steps of the run skipped so far, as the rows read tell it (rank 0): the bar's count.
+        resumed = getattr(training, "resumed_from", None)
+        self.nonfinite_total = resumed.meta.get("nonfinite_steps", 0) if resumed is not None else 0
         # Closed rows not read yet (rank 0): (step, steps, loss sum over ranks, norm sum, clipped, lr, time)
         self.pending = []
         self.elapsed_before = elapsed_before   # elapsed_seconds of the run before this session
@@ -219,6 +230,7 @@ class StepMetrics:
                 row["grad_norm"] = norm / row_steps
                 row["clipped_fraction"] = clipped / row_steps
             row["nonfinite_steps"] = int(skipped)
+            self.nonfinite_total += int(skipped)
             row.update(tokens_per_second=tokens_per_second, mfu=self.mfu(tokens_per_second),
                        tokens_seen=(step + 1) * self.training.tokens_per_step,
                        elapsed_seconds=round(self.elapsed_before + seen_at - self.started, 3), **memory)
@@ -234,6 +246,7 @@ class StepMetrics:
                  "tokens_per_second": tokens_per_second, "mfu": self.mfu(tokens_per_second)}
         if self.grad_clip is not None:
             shown["grad_norm"] = norm_sum / steps
+        shown["nonfinite_steps"] = self.nonfinite_total
         return shown
 
     def take_checkpoint_losses(self) -> dict:

@@ -7,18 +7,21 @@ MFU (model FLOPs utilisation) is tokens/s per rank x the model's training FLOPs 
 (devices.training_flops_per_token) / the device's peak FLOP/s (devices.mfu_peak_flops).
 """
 
+import atexit
 import datetime
 import sys
+import threading
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
-from . import checkpointing
-from .charts import bad_lines_warning, redraw_charts
+from . import charts, checkpointing
 from .metrics import METRICS_FILE
 
 REFRESH_SECONDS = 1.0   # how often rank 0 reads the rows off the device for the bar
 LOG_LINE_SECONDS = 30.0  # how often a plain line replaces the bar when stderr is no terminal
+CHART_SECONDS = 10.0    # how often, at most, the charts are redrawn during training
 
 
 def startup_line(training, dataset_dir, checked_batches: int, init_from, checkpoint_name) -> str:
@@ -56,12 +59,15 @@ class TrainingProgress:
         self.bar = tqdm(total=training.total_steps, initial=training.start_step, unit="step",
                         dynamic_ncols=True, disable=not self.ranks.is_main or self.plain_lines)
         self.started = time.monotonic()
+        self.first_step, self.steps_run = training.start_step, 0   # a rollback trains some steps again
+        self.charts = ChartDrawer(training.run_dir, training.config.grad_clip, self.write) if self.ranks.is_main else None
 
     def step_done(self, step: int, result) -> None:
         """Count a step (train_step's StepResult: device tensors, no host sync) and advance
         the bar; about once a second (rank 0 only) read the rows and show them."""
         self.metrics.step_done(step, result)
         self.bar.update(1)
+        self.steps_run += 1
         now = time.monotonic()
         if not self.ranks.is_main or now - self.last_refresh < REFRESH_SECONDS:
             return
@@ -73,6 +79,8 @@ class TrainingProgress:
                   "tok/s": f"{shown['tokens_per_second']:,.0f}", "MFU": f"{shown['mfu']:.1%}"}
         if "grad_norm" in shown:
             fields["grad norm"] = f"{shown['grad_norm']:.3f}"
+        if shown["nonfinite_steps"]:
+            fields["skipped"] = f"{shown['nonfinite_steps']:,}"   # steps not finite (support/health.py)
         self.bar.set_postfix(fields, refresh=False)
         if self.plain_lines and now - self.last_line_time >= LOG_LINE_SECONDS:
             self.last_line_time = now
@@ -93,6 +101,7 @@ class TrainingProgress:
         metrics counting from there; returns the step training goes on at."""
         training = self.training
         self.metrics.rolled_back(checkpoint.global_step)
+        self.metrics.nonfinite_total = checkpoint.meta.get("nonfinite_steps", 0)
         if self.ranks.is_main:
             self.metrics.write_now({"kind": "rollback", "step": spike, "checkpoint": checkpoint.name,
                                     "skipped_steps": skipped, "rollbacks": training.rollbacks})
@@ -140,15 +149,13 @@ class TrainingProgress:
         self.bar.write(f"step {step:,}: {line}{' (best)' if is_best else ''} -> {name}")
 
     def checkpoint_done(self, step: int) -> None:
-        """After checkpoint `step` (and its benchmarks): both charts redrawn (rank 0), and the
-        next tokens/s counted from here, leaving out validating, saving and drawing."""
+        """After checkpoint `step` (and its benchmarks): the charts redrawn in the background
+        (rank 0), and the next tokens/s counted from here, leaving out validating and saving."""
         training = self.training
         if self.ranks.is_main:
             best_step = max((point["global_step"] for point in training.history if point["is_best"]),
                             default=None)
-            redrawn = redraw_charts(training.run_dir, training.history, best_step, training.config.grad_clip)
-            if redrawn.bad_metrics_lines:
-                self.write(bad_lines_warning(training.run_dir / METRICS_FILE, redrawn.bad_metrics_lines))
+            self.charts.redraw(training.history, best_step)
         self.metrics.training_resumes(step)
         self.last_refresh = time.monotonic()
 
@@ -159,16 +166,22 @@ class TrainingProgress:
                 self.write(warning)
 
     def finish(self, best_loss: float) -> None:
-        """Close the bar and the metrics; rank 0 prints the summary lines."""
+        """Close the bar and the metrics; rank 0 waits for the charts and prints the summary lines."""
+        if self.charts is not None:
+            self.charts.wait()
         self.bar.close()
         self.metrics.close()
         elapsed = time.monotonic() - self.started
         if not self.ranks.is_main:
             return
         training = self.training
-        tokens = (training.total_steps - training.start_step) * training.tokens_per_step
+        tokens = self.steps_run * training.tokens_per_step
+        again = self.steps_run - (training.total_steps - self.first_step)
         print(f"Training finished in {datetime.timedelta(seconds=round(elapsed))} "
-              f"(global steps {training.start_step:,} to {training.total_steps - 1:,})")
+              f"(global steps {self.first_step:,} to {training.total_steps - 1:,}"
+              + (f"; {again:,} of them trained again after rollbacks" if again > 0 else "") + ")")
+        if self.metrics.nonfinite_total:
+            print(f"Skipped: {self.metrics.nonfinite_total:,} step(s) whose loss or gradient norm was not finite")
         print(f"Tokens seen: {tokens:,} this session, {training.total_steps * training.tokens_per_step:,} in all")
         per_rank = tokens / elapsed / self.ranks.world_size
         print(f"Throughput: {tokens / elapsed:,.0f} tokens/s ({per_rank:,.0f} per rank), "
@@ -181,3 +194,60 @@ class TrainingProgress:
             best = f"best {'window average' if window_loss is not None and training.best_key == 'avg_train_loss' else 'train loss'}"
             print(f"Final train loss: {train_loss:.4f}" + (f", rank 0's last window {window_loss:.4f}" if window_loss is not None else "")
                   + f" ({best} {best_loss:.4f})")
+
+
+class ChartDrawer:
+    """Redraws a run's charts on a thread of global rank 0, so that no rank waits for
+    matplotlib at a checkpoint (0.7 to 2 s of one core each time), at most once every
+    CHART_SECONDS: a checkpoint that comes sooner, or while the charts are being drawn,
+    replaces the one still waiting, so the thread never falls behind and the charts end
+    drawn from the newest. wait() draws what is waiting at once; so does the end of the
+    process (atexit), a run stopped by an error or a signal included, short of being
+    killed. A chart that can't be drawn is a warning: the run goes on."""
+
+    def __init__(self, run_dir, grad_clip, warn):
+        self.run_dir, self.grad_clip, self.warn = Path(run_dir), grad_clip, warn
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.lock = threading.Lock()
+        self.waiting = None    # the newest charts asked for and not yet begun
+        self.thread = None
+        self.hurry = threading.Event()
+        self.last_drawn = time.monotonic()   # a run shorter than CHART_SECONDS draws once, at its end
+        atexit.register(self.wait)
+
+    def redraw(self, history, best_step) -> None:
+        """Ask for the charts as they are now: `history` copied, metrics.jsonl up to its
+        present end (the rows written after it are the next checkpoint's)."""
+        metrics_end = self.metrics_path.stat().st_size if self.metrics_path.exists() else None
+        with self.lock:
+            self.waiting = ([dict(point) for point in history], best_step, metrics_end)
+            if self.thread is None:
+                # A daemon: a sleeping drawer must not hold up the end of a process (atexit draws).
+                self.thread = threading.Thread(target=self._draw_while_asked, name="charts", daemon=True)
+                self.thread.start()
+
+    def _draw_while_asked(self) -> None:
+        while True:
+            self.hurry.wait(max(0.0, self.last_drawn + CHART_SECONDS - time.monotonic()))
+            with self.lock:
+                asked, self.waiting = self.waiting, None
+                if asked is None:
+                    self.thread = None
+                    return
+            self.last_drawn = time.monotonic()
+            history, best_step, metrics_end = asked
+            try:
+                redrawn = charts.redraw_charts(self.run_dir, history, best_step, self.grad_clip, metrics_end)
+            except Exception as error:   # a full disk, a broken font: the run matters more than its chart
+                self.warn(f"warning: the charts in {self.run_dir} were not redrawn: {error}")
+                continue
+            if redrawn.bad_metrics_lines:
+                self.warn(charts.bad_lines_warning(self.metrics_path, redrawn.bad_metrics_lines))
+
+    def wait(self) -> None:
+        """Draw what is waiting now, and return when it is drawn."""
+        self.hurry.set()
+        with self.lock:
+            thread = self.thread
+        if thread is not None:
+            thread.join()

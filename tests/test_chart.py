@@ -11,6 +11,8 @@ import pytest
 
 from helpers import run_script
 from support import charts as chart
+from support import progress
+from support.progress import ChartDrawer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -317,6 +319,60 @@ def test_redraw_charts_draws_both_or_only_the_loss_chart(tmp_path):
     redrawn = chart.redraw_charts(tmp_path, history, 9, 1.0)
     assert redrawn.files == [tmp_path / chart.CHART_FILE, tmp_path / chart.METRICS_CHART_FILE]
     assert (tmp_path / chart.METRICS_CHART_FILE).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_drawer_draws_the_newest_asked_for_in_the_background(tmp_path, monkeypatch):
+    """Training asks at every checkpoint and never waits: asks that come while a drawing
+    runs, or within CHART_SECONDS of the last, are replaced by the newest; a line being written past the end asked for is no
+    bad line; a chart that can't be drawn is a warning."""
+    import threading
+    import time
+
+    write_metrics(tmp_path / "metrics.jsonl", synthetic_metrics(10))
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"kind": "train", "st')   # training is writing the next row
+    warnings, drawn, first_began = [], [], threading.Event()
+    real_redraw = chart.redraw_charts
+
+    def slow_redraw(run_dir, history, best_step, grad_clip, metrics_end):
+        first_began.set()
+        time.sleep(0.2)
+        drawn.append([point["global_step"] for point in history])
+        return real_redraw(run_dir, history, best_step, grad_clip, metrics_end)
+
+    monkeypatch.setattr(chart, "redraw_charts", slow_redraw)
+    monkeypatch.setattr(progress, "CHART_SECONDS", 0.0)
+    drawer = ChartDrawer(tmp_path, 1.0, warnings.append)
+    history = [point(0, 10.9, 10.8, True)]
+    drawer.redraw(history, 0)
+    first_began.wait(5)
+    for step in (2, 4, 6):
+        history.append(point(step, 9.0 - step, 9.0 - step, True))
+        drawer.redraw(history, step)
+    history.append(point(8, 0.5, 0.5))   # after the last ask: not drawn
+    drawer.wait()
+    assert drawn == [[0], [0, 2, 4, 6]]
+    assert warnings == []
+    assert (tmp_path / chart.METRICS_CHART_FILE).read_bytes()[:8] == PNG_MAGIC
+    assert drawer.thread is None   # no thread left to keep the process alive
+
+    # At most once every CHART_SECONDS: a short run draws once, at its end.
+    drawn.clear()
+    monkeypatch.setattr(progress, "CHART_SECONDS", 60.0)
+    drawer = ChartDrawer(tmp_path, 1.0, warnings.append)
+    for step in (0, 2, 4):
+        drawer.redraw(history[:step // 2 + 1], step)
+    time.sleep(0.5)
+    assert drawn == []
+    drawer.wait()
+    assert drawn == [[0, 2, 4]]
+
+    monkeypatch.setattr(chart, "redraw_charts", real_redraw)
+    (tmp_path / chart.CHART_FILE).unlink()
+    (tmp_path / chart.CHART_FILE).mkdir()   # the loss chart can't be written
+    drawer.redraw(history, 6)
+    drawer.wait()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: the charts in {tmp_path} were not redrawn: ")
 
 
 def test_command_redraws_both_charts_and_names_a_garbage_line(tmp_path):

@@ -47,6 +47,7 @@ def test_a_nan_on_one_rank_skips_that_step_on_every_rank(healthy_run, tmp_path, 
     assert adam_steps(final) == {7} and adam_steps(latest(healthy_run)) == {8}
     assert final.meta["learning_rate"] == latest(healthy_run).meta["learning_rate"]
     assert final.meta["nonfinite_steps"] == 1 and latest(healthy_run).meta["nonfinite_steps"] == 0
+    assert "Skipped: 1 step(s) whose loss or gradient norm was not finite" in result.stdout
     rows = {row["step"]: row for row in metrics_rows(run_dir) if row["kind"] == "train"}
     assert [step for step, row in rows.items() if row["nonfinite_steps"]] == [3]
     # Before the NaN, the two runs are one.
@@ -118,6 +119,9 @@ def test_rollback_goes_back_before_the_spike_and_skips_its_batches(rolled_back):
             and "skipping the batches of steps 10 to 10" in result.stdout)
     meta = latest(run_dir).meta
     assert meta["rollbacks"] == 1 and meta["skipped_steps"] == [[10, 10]] and latest(run_dir).global_step == 23
+    # Seen at the check of step 12: steps 11 and 12 trained twice, 26 steps of 64 tokens in all.
+    assert "(global steps 0 to 23; 2 of them trained again after rollbacks)" in result.stdout
+    assert "Tokens seen: 1,664 this session, 1,536 in all" in result.stdout
     rows = metrics_rows(run_dir)
     [rollback] = [row for row in rows if row["kind"] == "rollback"]
     assert rollback["step"] == 10 and rollback["checkpoint"].endswith("-iteration-9")
