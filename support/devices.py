@@ -171,11 +171,12 @@ def gpu_peak_flops(device_name: str, dtype_name: str) -> float | None:
 
 
 def measure_matmul_flops(device: torch.device, dtype_name: str, max_size: int = 2048,
-                         seconds: float = 1.0) -> float:
+                         seconds: float = 0.2) -> float:
     """Achieved FLOP/s of a large square matmul: the practical peak of a CPU, or the
     fallback for a GPU missing from the table. The size grows from 256 while one
     product takes under 50 ms, so a dtype a CPU only emulates can't stall start-up.
-    Each product is timed alone and the median kept, at that size and at half of it,
+    Each product is timed alone (at least three, for `seconds` in all) and the median
+    kept, at that size and at half of it,
     and the faster of the two returned: a busy moment on a shared machine moves it
     little (one long average swung from 0.03 to 0.37 TFLOP/s between runs)."""
     import statistics
@@ -202,12 +203,15 @@ def measure_matmul_flops(device: torch.device, dtype_name: str, max_size: int = 
         if size >= max_size or seconds_per_product(a, b) > 0.05:
             break
         size *= 2
-    best = 0.0
+    best, largest = 0.0, (a, b)   # the largest pair is warmed up already
     for n in sorted({max(256, size // 2), size}):
-        a, b = square(n), square(n)
-        a @ b
+        if n == size:
+            a, b = largest
+        else:
+            a, b = square(n), square(n)
+            a @ b
         times, start = [], time.perf_counter()
-        while len(times) < 5 or time.perf_counter() - start < seconds / 2:
+        while len(times) < 3 or time.perf_counter() - start < seconds / 2:
             times.append(seconds_per_product(a, b))
         best = max(best, 2 * n ** 3 / statistics.median(times))
     return best

@@ -60,12 +60,11 @@ def test_resume_with_the_defaults_is_exact(default_run, tmp_path, datasets_dir):
     assert_same_weights(final_weights(run_dir), final_weights(default_run))
 
 
-@pytest.mark.parametrize("dtype", sorted({"fp32", DEFAULT_DTYPE}))
-def test_auto_with_max_restarts_survives_a_killed_rank(dtype, default_run, tmp_path, datasets_dir):
-    train = {**DEFAULTS, "dtype": dtype}
-    uninterrupted = (default_run if dtype == DEFAULT_DTYPE
-                     else trained(make_run(tmp_path / "uninterrupted", DROPOUT_MODEL, train), datasets_dir))
-    run_dir = make_run(tmp_path / "restarted", DROPOUT_MODEL, train)
+def test_auto_with_max_restarts_survives_a_killed_rank(default_run, tmp_path, datasets_dir):
+    # This machine's default precision (fp32 or bf16, as the CPU has it); fp32 resumes after
+    # a SIGKILL are tested in test_ddp_train.py.
+    uninterrupted = default_run
+    run_dir = make_run(tmp_path / "restarted", DROPOUT_MODEL, DEFAULTS)
     # Rank 0 is SIGKILLed right after `latest` points at the first checkpoint (step 0);
     # torchrun restarts both ranks with the same command line, and `auto` resumes.
     command = torchrun_command(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
