@@ -2,7 +2,7 @@
 # The first thing to run on a GPU machine: the CUDA tests, the 163M preflight and the
 # training-step and generation benchmarks, then ONE table to paste into
 # docs/performance.md (device, date, torch version, figures). Each step has a time limit,
-# so the whole stays under 8 minutes on one H100/H200.
+# so the whole stays under 9 minutes on one H100/H200.
 #
 #   bash bench/gpu_check.sh                  # from anywhere
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
@@ -20,11 +20,12 @@ PYTHON=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-# Seconds each step may take: 470 in all, and a few more to make the dataset and the table.
+# Seconds each step may take: 500 in all, and a few more to make the dataset and the table.
 TESTS_LIMIT=200
 PREFLIGHT_LIMIT=50
 TRAIN_STEP_LIMIT=180
 GENERATE_LIMIT=40
+HEALTH_LIMIT=30
 
 fail() { echo "gpu_check.sh: $*" >&2; exit 1; }
 
@@ -109,12 +110,14 @@ EOF
 if [[ $ON_CPU == 1 ]]; then
     TRAIN_STEP_ARGS=(--batch 1 --repeats 1)
     GENERATE_ARGS=(--new-tokens 8 --batch-sizes 1)
-    TESTS_LIMIT=60 PREFLIGHT_LIMIT=600 TRAIN_STEP_LIMIT=600 GENERATE_LIMIT=120
+    HEALTH_ARGS=(--emb-dim 256 --n-layers 4 --repeats 2)
+    TESTS_LIMIT=60 PREFLIGHT_LIMIT=600 TRAIN_STEP_LIMIT=600 GENERATE_LIMIT=120 HEALTH_LIMIT=120
 else
     # bf16 only: each precision compiles two more 163M graphs (ours and transformers'),
     # about a minute apiece; `bench/bench_train_step.py` alone runs fp32 as well.
     TRAIN_STEP_ARGS=(--batch 16 --repeats 10 --precisions bf16)
     GENERATE_ARGS=()
+    HEALTH_ARGS=(--batch 16 --repeats 10)
 fi
 
 run_step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_moe.py
@@ -123,6 +126,7 @@ run_step preflight "$PREFLIGHT_LIMIT" "$PYTHON" -m torch.distributed.run --stand
 run_step train_step "$TRAIN_STEP_LIMIT" "$PYTHON" bench/bench_train_step.py "${TRAIN_STEP_ARGS[@]}" \
     --json "$WORK/train_step.json"
 run_step generate "$GENERATE_LIMIT" "$PYTHON" bench/bench_generate.py "${GENERATE_ARGS[@]}"
+run_step health_check "$HEALTH_LIMIT" "$PYTHON" bench/bench_health_check.py "${HEALTH_ARGS[@]}"
 
 # --- the table ---
 echo
@@ -193,6 +197,16 @@ for batch, recompute, cached, speedup in generation:
                  f"{cached} tokens/s with the KV cache, {recompute} recomputing, {speedup}"))
 if not generation:
     rows.append(("greedy generation (`bench/bench_generate.py`)", outcome("generate")))
+
+checked = re.search(r"^\s*checked\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s*$", log("health_check"), re.MULTILINE)
+alone = re.search(r"the check alone: ([\d.]+) ms.*host waits in what the check adds: (.*)$", log("health_check"),
+                  re.MULTILINE)
+if checked and alone:
+    rows.append(("non-finite-step check (`bench/bench_health_check.py`: " + log("health_check").splitlines()[0] + ")",
+                 f"checked step {checked.group(3)}x the unchecked one; the check alone {alone.group(1)} ms; "
+                 f"host waits: {alone.group(2)}"))
+else:
+    rows.append(("non-finite-step check (`bench/bench_health_check.py`)", outcome("health_check")))
 rows.append(("all of bench/gpu_check.sh", f"{sum(seconds for _, seconds in steps.values())} s of steps"))
 
 print("| what | measured |")

@@ -21,6 +21,7 @@ FULL = [
     ["bench_data.py"],
     ["bench_memory.py"],
     ["bench_moe.py"],
+    ["bench_health_check.py"],
 ]
 QUICK = [
     ["bench_train_step.py", "--repeats", "2"],
@@ -28,6 +29,7 @@ QUICK = [
     ["bench_data.py", "--tokens", "2", "--big-tokens", "0", "--token-file-gb", "0.2"],
     ["bench_memory.py", "--emb-dim", "256", "--n-layers", "4"],
     ["bench_moe.py", "--sizes", "256x8x2", "--tokens", "1024", "--repeats", "2"],
+    ["bench_health_check.py", "--emb-dim", "256", "--n-layers", "4", "--repeats", "3"],
 ]
 
 
