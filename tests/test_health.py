@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import MODEL, TRAIN, latest, make_run, metrics_rows, run_training
+from helpers import MODEL, TRAIN, latest, make_run, metrics_rows, run_training, trained
 from support import checkpointing
 from support.health import DIVERGED_EXIT_CODE, LOSS_TIMES_VARIABLE
 
@@ -28,10 +28,7 @@ def adam_steps(checkpoint):
 
 @pytest.fixture(scope="module")
 def healthy_run(tmp_path_factory, datasets_dir):
-    run_dir = make_run(tmp_path_factory.mktemp("healthy") / "run", MODEL, HEALTH)
-    result = run_training(run_dir, datasets_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    return trained(make_run(tmp_path_factory.mktemp("healthy") / "run", MODEL, HEALTH), datasets_dir)
 
 
 def test_a_nan_on_one_rank_skips_that_step_on_every_rank(healthy_run, tmp_path, datasets_dir):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import (MODEL, PROJECT_ROOT, TRAIN, environment, final_weights, latest, make_run, metrics_rows,
-                     pattern_tokens, run_training, torchrun_command)
+                     pattern_tokens, run_training, torchrun_command, trained)
 from support import checkpointing
 from support.preemption import PREEMPTED_EXIT_CODE
 
@@ -35,10 +35,7 @@ def long_datasets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, long_datasets):
-    run_dir = make_run(tmp_path_factory.mktemp("uninterrupted") / "run", DROPOUT_MODEL, LONG)
-    result = run_training(run_dir, long_datasets)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    return trained(make_run(tmp_path_factory.mktemp("uninterrupted") / "run", DROPOUT_MODEL, LONG), long_datasets)
 
 
 def start_training(run_dir, datasets_dir):
