@@ -87,11 +87,11 @@ def results_path(name, results):
     return path
 
 
-def build_model(model_config_path, model_safetensors_path, dropout, device):
-    """The checkpoint as the original builds it, after seeding: GPTModel(config) first (its
+def build_model(cfg, model_config_path, model_safetensors_path, dropout, device):
+    """The checkpoint as the original builds it, after seeding: GPTModel(cfg) first (its
     initialisation draws from the seeded generator, so the epochs' shuffles that follow
     are the original's), then the weights, then the device."""
-    cfg = load_model_config(model_config_path)
+    cfg = dict(cfg)
     if dropout != "model":
         cfg["drop_rate"] = DROPOUT_RATES[dropout]
     random.seed(SEED)
@@ -108,10 +108,11 @@ def generate_test_responses(name, model_config_path, model_safetensors_path, dro
         device, dtype_name = choose_device_and_dtype(device, dtype)
     except (ValueError, RuntimeError) as error:
         raise click.UsageError(str(error)) from None
+    cfg = load_model_config(model_config_path)   # a mistake there before any download
     train_records, test_records, validation_records = instruction_data.load_splits(
         data, data_url, BATCH_SIZE, fine_tuning=max_epochs != 0)
 
-    model, drop_rate = build_model(model_config_path, model_safetensors_path, dropout, device)
+    model, drop_rate = build_model(cfg, model_config_path, model_safetensors_path, dropout, device)
     if max_epochs:
         print(f"{name}: fine-tuning on {len(train_records)} records (dropout {drop_rate}), validating on "
               f"{len(validation_records)}", flush=True)
@@ -130,7 +131,7 @@ def generate_test_responses(name, model_config_path, model_safetensors_path, dro
     try:
         safe_files.write_atomically(path, json.dumps(answered))
     except OSError as error:
-        raise click.ClickException(f"cannot write {path} ({error.strerror})") from None
+        raise click.ClickException(safe_files.write_failure(path.parent, "the results", error, path)) from None
     print(f"Wrote {len(answered)} responses to {path}")
 
 

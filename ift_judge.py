@@ -13,6 +13,7 @@ run then ends with exit status 1 and a line saying how many.
 """
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -57,7 +58,11 @@ from tqdm import tqdm  # noqa: E402
 
 def annotated_paths(files):
     """Where each file's annotations go: STEM-annotated.json in the current directory, as
-    the original writes them; refused before any work if two files would share one."""
+    the original writes them; refused before any work if two files would share one, or
+    if the current directory can't be written."""
+    if not os.access(Path.cwd(), os.W_OK):
+        raise click.ClickException(f"{Path.cwd()}: the current directory is not writable, and the annotations "
+                                   f"go there (STEM{ANNOTATED_SUFFIX}): run ift_judge.py from another")
     paths, seen = [], {}
     for file in files:
         if Path(file).resolve() in seen.values():
@@ -73,23 +78,13 @@ def annotated_paths(files):
 
 
 def read_results(path):
-    """A results file: a non-empty JSON list of records with text under instruction,
-    input, output and model_response; one line naming the file and record if not."""
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise click.ClickException(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise click.ClickException(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(records, list):
-        raise click.ClickException(f"{path}: expected a JSON list of records (as "
-                                   f"ift_generate_test_responses.py writes), got {type(records).__name__}")
-    if not records:
-        raise click.ClickException(f"{path}: holds no records")
+    """A results file: instruction_data's records (a non-empty JSON list with text under
+    instruction, input and output), each with text under model_response too; one line
+    naming the file and record if not."""
+    records = instruction_data.load_records(path, url=None)
     for index, record in enumerate(records):
-        for key in (*instruction_data.RECORD_KEYS, RESPONSE_KEY):
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise click.ClickException(f"{path}: record {index} has no text under '{key}'")
+        if not isinstance(record.get(RESPONSE_KEY), str):
+            raise click.ClickException(f"{path}: record {index} has no text under '{RESPONSE_KEY}'")
     return records
 
 
@@ -157,7 +152,8 @@ def write_annotations(paths, results, verdicts):
         try:
             safe_files.write_atomically(path, json.dumps(annotated(records, file_verdicts)))
         except OSError as error:
-            raise click.ClickException(f"cannot write {path} ({error.strerror})") from None
+            raise click.ClickException(safe_files.write_failure(path.resolve().parent, "the annotations", error,
+                                                                path)) from None
 
 
 def report(files, verdicts):

@@ -94,7 +94,8 @@ def fine_tune(model, optimizer, train_loader, validation_loader, device, dtype_n
             on_epoch(epoch, train_loss, val_loss)
         if not math.isfinite(val_loss):  # no weights worth generating with (or paying a judge for)
             raise click.ClickException(f"fine-tuning diverged: validation loss {val_loss} after "
-                                       f"epoch {epoch}; try a lower --learning-rate")
+                                       f"epoch {epoch}: the learning rate is too high for these weights, "
+                                       f"or they are not finite themselves")
         if not val_loss < best_loss:  # it rose (or stalled): this epoch made things worse
             break
         best_loss, best_epoch = val_loss, epoch

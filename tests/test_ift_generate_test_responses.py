@@ -137,6 +137,10 @@ def test_mistakes_are_one_line_before_any_fine_tuning(checkpoint, tmp_path):
         "no download": (("run", *checkpoint, "--dropout", "model", "--data", tmp_path / "missing.json",
                          "--data-url", f"http://127.0.0.1:{free_port()}/x.json", "--results", tmp_path / "r.json"),
                         "could not download instruction data", 1),
+        # The model's config is read before the data is downloaded.
+        "no model.json": (("run", tmp_path / "missing-model.json", checkpoint[1], "--dropout", "model",
+                           "--data", tmp_path / "missing.json", "--data-url", f"http://127.0.0.1:{free_port()}/x.json",
+                           "--results", tmp_path / "r.json"), f"{tmp_path / 'missing-model.json'}", 1),
     }
     for case, (arguments, message, exit_code) in mistakes.items():
         result = run_script("ift_generate_test_responses.py", *arguments, "--device", "cpu", cwd=tmp_path)

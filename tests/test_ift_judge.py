@@ -145,7 +145,7 @@ def test_mistakes_are_one_line_and_write_nothing(tmp_path):
         ((good, other), {}, "OPENAI_API_KEY is not set: the judge needs it. Set it, or point OPENAI_BASE_URL", 1),
         ((good, short), local, f"{short} holds 5 records, {good} holds 6: results of different test sets", 1),
         ((good, changed), local, f"{changed}: record 2's 'output' differs from {good}'s", 1),
-        ((empty, good), local, f"{empty}: holds no records", 1),
+        ((empty, good), local, f"{empty}: the list of records is empty", 1),
         ((good, unanswered), local, f"{unanswered}: record 0 has no text under 'model_response'", 1),
         ((good, tmp_path / "missing.json"), local, f"{tmp_path / 'missing.json'}: file not found", 1),
     ]
