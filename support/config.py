@@ -59,6 +59,14 @@ def _float(path, key, value, minimum=0.0, strictly_positive=False):
     return float(value)
 
 
+def _warmup_percent(path, value):
+    """Kept as written: the original's warm-up is (steps * percent) // 100, an int for an
+    int. Below 100: the cosine that follows needs a step (at 100 torch divides by zero)."""
+    if _float(path, "warmup_period_percent", value) >= 100:
+        _fail(path, "warmup_period_percent", value, "a number below 100 (the cosine after the warm-up needs a step)")
+    return value
+
+
 def _bool(path, key, value):
     if not isinstance(value, bool):
         _fail(path, key, value, "true or false")
@@ -251,8 +259,7 @@ def _train_checks(path):
         "lr_schedule": lambda v: _choice(path, "lr_schedule", v, ("constant", "cosine")),
         "min_learning_rate": number("min_learning_rate"),
         "schedule_learning_rate": flag("schedule_learning_rate"),
-        # Kept as written: the original's warm-up is (steps * percent) // 100, an int for an int.
-        "warmup_period_percent": lambda v: (_float(path, "warmup_period_percent", v), v)[1],
+        "warmup_period_percent": lambda v: _warmup_percent(path, v),
         "grad_clip": number("grad_clip", strictly_positive=True),
         "clipping_max_norm": number("clipping_max_norm", strictly_positive=True),
         "gradient_accumulation_steps": integer("gradient_accumulation_steps", 1),
@@ -289,7 +296,9 @@ def validate_train_config(data: dict, path="train.json") -> TrainConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(checks))})")
     given = {key: check(data[key]) for key, check in checks.items() if data.get(key) is not None}
-    for ours, theirs in SAME_THING:
+    # warmup_steps warms up our schedules, and the later original's when it is off (constant).
+    scheduled = [("warmup_steps", "schedule_learning_rate")] if given.get("schedule_learning_rate") is True else []
+    for ours, theirs in SAME_THING + scheduled:
         if ours in given and theirs in given:
             raise ConfigError(f"{path}: keys '{ours}' and '{theirs}' both set what is one setting: keep one")
     dialect = "c894ed0" if "microbatch_size" in given else "bf269c6"

@@ -146,7 +146,8 @@ def test_the_models_of_the_originals_runs(tmp_path):
 @pytest.mark.parametrize("ours, theirs", [("minibatch_size", "microbatch_size"), ("seed", "random_seed"),
                                           ("grad_clip", "clipping_max_norm"), ("dtype", "use_amp"),
                                           ("lr_schedule", "schedule_learning_rate"),
-                                          ("warmup_steps", "warmup_period_percent")])
+                                          ("warmup_steps", "warmup_period_percent"),
+                                          ("warmup_steps", "schedule_learning_rate")])
 def test_two_keys_for_one_thing_are_refused(ours, theirs, tmp_path):
     values = {"minibatch_size": 13, "microbatch_size": 13, "seed": 1, "random_seed": 1, "grad_clip": 1.0,
               "clipping_max_norm": 1.0, "dtype": "fp32", "use_amp": False, "lr_schedule": "cosine",
@@ -156,6 +157,24 @@ def test_two_keys_for_one_thing_are_refused(ours, theirs, tmp_path):
         data["schedule_learning_rate"] = True
     with pytest.raises(ConfigError, match=f"keys '{ours}' and '{theirs}' both set what is one setting"):
         load_train_config(write(tmp_path, "train.json", data))
+
+
+def test_warmup_steps_beside_the_originals_schedule_switched_off_is_ours(tmp_path):
+    # "schedule_learning_rate": false is a constant learning rate, which warmup_steps warms up.
+    config = load_train_config(write(tmp_path, "train.json", {**C894ED0, "schedule_learning_rate": False,
+                                                              "warmup_steps": 3}))
+    assert (config.lr_schedule, config.warmup_steps) == ("constant", 3)
+
+
+@pytest.mark.parametrize("percent", [100, 150.0])
+def test_a_warmup_of_the_whole_run_is_refused(percent, tmp_path):
+    # At 100 the original's cosine has no step left: torch divided by zero after the last step.
+    with pytest.raises(ConfigError, match=re.escape(f"key 'warmup_period_percent' must be a number below 100 "
+                                                    f"(the cosine after the warm-up needs a step), got {percent}")):
+        load_train_config(write(tmp_path, "train.json", {**C894ED0, "schedule_learning_rate": True,
+                                                         "warmup_period_percent": percent}))
+    assert load_train_config(write(tmp_path, "train.json", {**C894ED0, "schedule_learning_rate": True,
+                                                            "warmup_period_percent": 0})).warmup_percent == 0
 
 
 def test_our_keys_work_in_the_later_dialect(tmp_path):
