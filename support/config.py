@@ -379,9 +379,12 @@ def _checked_together(path, config: TrainConfig) -> TrainConfig:
     if config.parallelism == "fsdp" and (config.dtype == "fp16" or config.use_amp):
         # FSDP2 mixes precision through its own policy; fp16 would also need a sharded
         # gradient scaler, which we don't carry.
-        key, value = ("dtype", '"fp16"') if config.dtype == "fp16" else ("use_amp", "true")
-        raise ConfigError(f"{path}: key '{key}' is {value} (fp16 with a GradScaler), which 'parallelism' \"fsdp\" "
-                          f"does not support; use \"dtype\": \"bf16\" or \"fp32\"")
+        if config.dtype == "fp16":
+            said, instead = "key 'dtype' is \"fp16\" (fp16 with a GradScaler)", '"dtype": "bf16" or "fp32"'
+        else:   # written, or the default of a train.json with microbatch_size
+            said = "key 'use_amp' is true (fp16 with a GradScaler; unset, the default where microbatch_size is used)"
+            instead = '"use_amp": false (fp32) or "dtype": "bf16"'
+        raise ConfigError(f"{path}: {said}, which 'parallelism' \"fsdp\" does not support; use {instead}")
     return config
 
 

@@ -186,3 +186,15 @@ def test_our_keys_work_in_the_later_dialect(tmp_path):
     # And the later original's in the first: random_seed means one seed for every rank.
     first = load_train_config(write(tmp_path, "train.json", {**GOOD_TRAIN, "random_seed": 3}))
     assert first.dialect == "bf269c6" and (first.seed, first.seed_each_rank) == (3, False) and first.use_amp is None
+
+
+def test_fsdp_refuses_fp16_naming_where_it_came_from(tmp_path):
+    # The later dialect's use_amp defaults to true: the line says so, and what to write instead.
+    with pytest.raises(ConfigError, match=re.escape(
+            "key 'use_amp' is true (fp16 with a GradScaler; unset, the default where microbatch_size is used), "
+            "which 'parallelism' \"fsdp\" does not support; use \"use_amp\": false (fp32) or \"dtype\": \"bf16\"")):
+        load_train_config(write(tmp_path, "train.json", {**C894ED0, "parallelism": "fsdp"}))
+    with pytest.raises(ConfigError, match=re.escape("key 'dtype' is \"fp16\" (fp16 with a GradScaler), which")):
+        load_train_config(write(tmp_path, "train.json", {**GOOD_TRAIN, "parallelism": "fsdp", "dtype": "fp16"}))
+    assert load_train_config(write(tmp_path, "train.json", {**C894ED0, "parallelism": "fsdp",
+                                                            "use_amp": False})).parallelism == "fsdp"
