@@ -48,10 +48,10 @@ class RunDiverged(click.ClickException):
 
 
 class Health:
-    def __init__(self, config, device: torch.device, skipped_before: int = 0):
+    def __init__(self, config, device: torch.device):
         self.config, self.device = config, device
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        self.in_a_row, self.longest_run, self.skipped = zero(), zero(), zero() + skipped_before
+        self.in_a_row, self.longest_run, self.skipped = zero(), zero(), zero()
         self.what = zero()          # which was not finite in the longest run's last step: 1 loss, 2 norm
         self.run_end = zero() - 1   # the step that ended the longest run of non-finite steps
         window = config.loss_spike_window

@@ -41,7 +41,7 @@ class Training:
     start_step: int = 0
     best_loss: float = math.inf
     history: list = field(default_factory=list)   # a {global_step, train_loss, val_loss, is_best} per checkpoint
-    best_key: str = "val_loss"    # the meta.json number `best` is the lowest of (checkpointing.best_loss_key)
+    best_key: str = "val_loss"    # the meta.json number `best` is the lowest of (run_history.best_loss_key)
     health: object = None         # health.Health: non-finite steps and loss spikes
     skipped_steps: list = field(default_factory=list)   # [first, last] step ranges a rollback skipped
     rollbacks: int = 0            # how many times the run went back to a checkpoint before a loss spike

@@ -123,6 +123,14 @@ def load_like_the_original(checkpoints_dir: Path, name: str, model, optimizer, s
     return meta["global_step"] + 1, best
 
 
+def original_meta(min_loss: float, max_loss: float) -> dict:
+    """The eleven meta.json keys the original writes for a best checkpoint of a run without
+    clipping or experts, its window's losses from min_loss to max_loss."""
+    return {"learning_rate": 0.0004, "min_train_loss": min_loss, "max_train_loss": max_loss,
+            "avg_train_loss": (min_loss + max_loss) / 2, "max_grad_norms": None, "avg_grad_norms": None,
+            "frac_clipped": None, "moe_routing_weights": [], "moe_routing_topk_weights": [], "is_best": True}
+
+
 def save_like_the_original(checkpoints_dir: Path, step: int, model, optimizer, scheduler, meta: dict,
                            written_at="20260801Z000000", scaler=None) -> Path:
     """The original's save_checkpoint (section 3): save_model (a tied matrix once, as

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from gpt import GPTModel, generate
 from helpers import MODEL, SMOKE_SEPARATOR, latest, make_run, run_script, run_training
-from original_c894ed0 import (C894ED0, C894ED0_LEGACY, C894ED0_TRAIN_KEY_SETS, C894ED0_VALUES, original_training,
-                              save_like_the_original)
+from original_c894ed0 import (C894ED0, C894ED0_LEGACY, C894ED0_TRAIN_KEY_SETS, C894ED0_VALUES, original_meta,
+                              original_training, save_like_the_original)
 from support import checkpointing, devices, tokenizer
 
 DENSE = {**MODEL, "drop_rate": 0.0}
@@ -188,11 +188,8 @@ def test_an_original_amp_checkpoint_resumes_with_its_scaler(tmp_path, train_spli
     torch.manual_seed(0)
     model = GPTModel(DENSE)
     optimizer = torch.optim.AdamW(model.parameters())
-    meta = {"learning_rate": 0.0004, "min_train_loss": 4.0, "max_train_loss": 4.2, "avg_train_loss": 4.1,
-            "max_grad_norms": None, "avg_grad_norms": None, "frac_clipped": None, "moe_routing_weights": [],
-            "moe_routing_topk_weights": [], "is_best": True}
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
-    save_like_the_original(run_dir / "checkpoints", 1, model, optimizer, None, meta, scaler=scaler)
+    save_like_the_original(run_dir / "checkpoints", 1, model, optimizer, None, original_meta(4.0, 4.2), scaler=scaler)
     result = run_training(run_dir, train_split_only, "latest", nproc=None)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(latest(run_dir).path / "scaler.pt", weights_only=True)
@@ -254,12 +251,9 @@ def original_checkpoints(tmp_path_factory):
         torch.manual_seed(1)
         model = GPTModel(config)
         optimizer = torch.optim.AdamW(model.parameters())
-        meta = {"learning_rate": 0.0004, "min_train_loss": 10.0, "max_train_loss": 11.0, "avg_train_loss": 10.5,
-                "max_grad_norms": None, "avg_grad_norms": None, "frac_clipped": None, "moe_routing_weights": [],
-                "moe_routing_topk_weights": [], "is_best": True}
         (root / kind).mkdir()
         (root / kind / "model.json").write_text(json.dumps(config))
-        path = save_like_the_original(root / kind / "checkpoints", 0, model, optimizer, None, meta)
+        path = save_like_the_original(root / kind / "checkpoints", 0, model, optimizer, None, original_meta(10.0, 11.0))
         made[kind] = (root / kind / "model.json", path / "model.safetensors", model.eval())
     return made
 
