@@ -156,11 +156,14 @@ def datasheet_peak_flops(device: torch.device, dtype_name: str) -> float | None:
 
 def mfu_peak_flops(device: torch.device, dtype_name: str) -> tuple[float, str]:
     """(peak FLOP/s, where it came from) that MFU is measured against: the datasheet's
-    dense peak of a known GPU, else a large matmul measured now (a CPU's practical peak)."""
-    peak = datasheet_peak_flops(device, dtype_name)
+    dense peak of a known GPU, else a large matmul measured now (a CPU's practical peak).
+    The table's fp32 is the TF32 tensor cores' figure: with TF32 off (enable_tf32, for the
+    later original's "use_amp": false) fp32 runs several times slower, so it is measured."""
+    plain_fp32 = device.type == "cuda" and dtype_name == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+    peak = None if plain_fp32 else datasheet_peak_flops(device, dtype_name)
     if peak is not None:
         return peak, f"the datasheet's {dtype_name} peak"
-    return measure_matmul_flops(device, dtype_name), f"a {dtype_name} matmul measured now"
+    return measure_matmul_flops(device, dtype_name), f"a {dtype_name} matmul{' (TF32 off)' if plain_fp32 else ''} measured now"
 
 
 def gpu_peak_flops(device_name: str, dtype_name: str) -> float | None:

@@ -114,6 +114,18 @@ def test_cuda_logits_equal_cpu_logits_in_fp32():
     torch.testing.assert_close(fast, expected, rtol=1e-2, atol=1e-2)
 
 
+def test_mfu_of_plain_fp32_is_against_a_measured_peak_not_tf32s():
+    # "use_amp": false turns TF32 off: the datasheet's fp32 (TF32) peak would make MFU several times too low.
+    with tf32(True):
+        _, source = devices.mfu_peak_flops(CUDA, "fp32")
+    assert devices.datasheet_peak_flops(CUDA, "fp32") is None or source == "the datasheet's fp32 peak"
+    with tf32(False):
+        peak, source = devices.mfu_peak_flops(CUDA, "fp32")
+    assert source == "a fp32 matmul (TF32 off) measured now" and peak > 0
+    tf32_peak = devices.datasheet_peak_flops(CUDA, "fp32")
+    assert tf32_peak is None or peak < tf32_peak
+
+
 @needs_flash
 def test_sdpa_runs_a_fused_kernel_in_bf16_with_dropout():
     from torch.nn.attention import SDPBackend, sdpa_kernel
