@@ -268,7 +268,7 @@ def checkpoint_meta(training, step: int, losses: dict, is_best: bool, learning_r
     else:
         meta = {"train_loss": losses["train_loss"], "val_loss": losses["val_loss"], "global_step": step,
                 "is_best": is_best}
-        if "moe" in training.model_config and losses["window"] is not None:
+        if training.is_moe and losses["window"] is not None:
             meta.update({key: losses["window"][key] for key in ("moe_routing_weights", "moe_routing_topk_weights")})
     return meta | {
         "tokens_seen": (step + 1) * training.tokens_per_step, "learning_rate": learning_rate,

@@ -292,9 +292,7 @@ TRAIN_REQUIRED = ("dataset", "min_train_tokens", "start_train_token", "start_val
 
 def validate_train_config(data: dict, path="train.json") -> TrainConfig:
     checks = _train_checks(path)
-    unknown = [key for key in data if key not in checks]
-    if unknown:
-        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(checks))})")
+    _check_keys(path, data, (), checks)   # the required keys depend on the dialect: below
     given = {key: check(data[key]) for key, check in checks.items() if data.get(key) is not None}
     # warmup_steps warms up our schedules, and the later original's when it is off (constant).
     scheduled = [("warmup_steps", "schedule_learning_rate")] if given.get("schedule_learning_rate") is True else []

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from gpt import GPTModel
 
-from .config import MODEL_KEYS, ConfigError, load_model_config
+from .config import MODEL_KEYS, OPTIONAL_MODEL_KEYS, ConfigError, load_model_config
 
 
 class CheckpointError(click.ClickException):
@@ -34,7 +34,7 @@ MODEL_FILE = "model.safetensors"
 # model.safetensors' metadata key holding the model config (as JSON) the weights were
 # written for; the model.json keys the weights depend on (dropout is no part of them).
 CONFIG_METADATA_KEY = "model_config"
-WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate") + ("tie_weights", "moe")
+WEIGHT_CONFIG_KEYS = tuple(key for key in MODEL_KEYS if key != "drop_rate") + OPTIONAL_MODEL_KEYS
 # A tied model's one matrix is saved once, under the name safetensors' save_model keeps
 # (the alphabetically first), with its metadata naming the other: as the original saves it.
 TIED_PAIR = ("tok_emb.weight", "out_head.weight")
@@ -147,7 +147,7 @@ def check_weights_config(weights_path, model_config: dict, model_config_path=Non
         return  # nothing recorded: the shapes are all there is to check
     for key in WEIGHT_CONFIG_KEYS:
         theirs, ours = weight_config_value(written_for, key), weight_config_value(model_config, key)
-        if (key in written_for or key in ("tie_weights", "moe")) and theirs != ours:
+        if (key in written_for or key in OPTIONAL_MODEL_KEYS) and theirs != ours:
             where = model_config_path if model_config_path is not None else "the model"
             raise CheckpointError(f"{weights_path} was written for {key} {json.dumps(theirs)}, "
                                   f"{where} has {json.dumps(ours)}")
